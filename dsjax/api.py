@@ -1,0 +1,87 @@
+"""The small façade over the functional core: `init`, `from_pretrained`, and `Model`."""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.config import ModelConfig, apply_overrides, load_config
+from dsjax.model.params import init_params
+from dsjax.model.transformer import forward
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_logits(cfg: ModelConfig):
+    return jax.jit(lambda p, t: forward(p, t, cfg, with_mtp=False)[0])
+
+
+class Model:
+    """Params (a pytree) + config. Everything it does is a call into the pure functions."""
+
+    def __init__(self, params: dict, config: ModelConfig):
+        self.params = params
+        self.config = config
+
+    def __repr__(self):
+        c = self.config
+        return (f"Model({c.model_type}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"experts={c.n_routed_experts}x top-{c.num_experts_per_tok}, mtp={c.num_nextn_predict_layers})")
+
+    def logits(self, tokens) -> np.ndarray:
+        """tokens [batch, seq] ints -> logits [batch, seq, vocab] float32 (numpy)."""
+        tokens = jnp.asarray(np.asarray(tokens), jnp.int32)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        bad = (tokens < 0) | (tokens >= self.config.vocab_size)
+        if bool(bad.any()):
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}); "
+                             f"got {int(tokens[bad][0])}")
+        return np.asarray(_jitted_logits(self.config)(self.params, tokens))
+
+    def forward(self, tokens, **kw):
+        return forward(self.params, jnp.asarray(tokens), self.config, **kw)
+
+    def save_pretrained(self, path: str, max_shard_size="5GB", *, dtype: str | None = None,
+                        mtp_layout: str = "separate") -> None:
+        """HF layout: config.json, model-0000i-of-0000N.safetensors shards and the index json."""
+        from dsjax.checkpoint.hf_io import save_hf
+
+        save_hf(self.params, self.config, path, max_shard_size=max_shard_size, dtype=dtype, mtp_layout=mtp_layout)
+
+    def generate(self, tokens, max_new_tokens: int = 32, temperature: float = 0.0, **kw):
+        from dsjax.infer.generate import generate
+
+        return generate(self, tokens, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
+
+
+def _resolve_config(cfg) -> ModelConfig:
+    return cfg if isinstance(cfg, ModelConfig) else load_config(cfg)
+
+
+def init(cfg: ModelConfig | str, seed: int = 0) -> Model:
+    """A model with random parameters (normal(0, cfg.init_std), V3 report: 0.006)."""
+    cfg = _resolve_config(cfg)
+    return Model(init_params(cfg, seed), cfg)
+
+
+def from_pretrained(path: str, *, param_dtype: str | None = None, overrides=()) -> Model:
+    """Load an HF-layout (or official FP8) safetensors checkpoint directory, or a dsjax native checkpoint."""
+    from dsjax.checkpoint.hf_io import load_hf
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a checkpoint directory")
+    from dsjax.checkpoint import native
+
+    if native.is_native(path):
+        params, cfg = native.load(path)
+    else:
+        params, cfg = load_hf(path, param_dtype=param_dtype)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return Model(jax.tree.map(jnp.asarray, params), cfg)

@@ -1,0 +1,333 @@
+"""Model configuration: one frozen dataclass with every field of a DeepSeek-V3 `config.json`.
+
+Loadable from the project's YAML files (`configs/*.yaml`, or the copies packaged under
+`dsjax/configs/`), from a Hugging Face `config.json`, and overridable with `key=value` strings.
+Everything is validated on construction; errors name the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or inconsistent. The message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN parameters (`rope_scaling` / `rope_parameters` in HF configs)."""
+
+    type: str = "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # --- fields of a DeepSeek-V3 config.json (HF names) ---
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_nextn_predict_layers: int = 1
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    routed_scaling_factor: float = 2.5
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    qk_nope_head_dim: int = 128
+    topk_method: str = "noaux_tc"
+    n_group: int = 8
+    topk_group: int = 4
+    num_experts_per_tok: int = 8
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 3
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    aux_loss_alpha: float = 0.0001
+    seq_aux: bool = True
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 163840
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    pretraining_tp: int = 1
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    model_type: str = "deepseek_v3"
+    # --- dsjax-only fields ---
+    init_std: float = 0.006  # V3 report, not HF's initializer_range
+    dtype: str = "float32"  # compute dtype of matmuls: float32 | bfloat16
+    param_dtype: str = "float32"  # master weights
+    moe_impl: str = "blocked"  # blocked | ragged_dot | dense | pallas
+    moe_block_size: int = 64  # rows per expert block in the blocked / pallas paths
+    attention_impl: str = "xla"  # xla | pallas
+    kernel_interpret: bool = False  # run Pallas kernels in interpret mode (CPU tests)
+    remat_policy: str = "none"  # none | full | dots_saveable
+
+    def __post_init__(self):
+        _validate(self)
+
+    # --- derived sizes ---
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_dense_layers(self) -> int:
+        return min(self.first_k_dense_replace, self.num_hidden_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.num_dense_layers
+
+    @property
+    def mtp_is_moe(self) -> bool:
+        """The MTP block sits at layer index num_hidden_layers, so it is MoE iff that index is."""
+        return self.num_hidden_layers >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5 times mscale(factor, mscale_all_dim)^2 (HF and the official code)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.mscale_all_dim:
+            m = yarn_get_mscale(rs.factor, rs.mscale_all_dim)
+            scale = scale * m * m
+        return scale
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_hf_dict(self) -> dict:
+        """The config.json that HF transformers reads (DeepseekV3Config / DeepseekV2Config)."""
+        d = {}
+        for f in dataclasses.fields(self):
+            if f.name in _DSJAX_ONLY:
+                continue
+            d[f.name] = getattr(self, f.name)
+        rs = self.rope_scaling
+        d["rope_scaling"] = None if rs is None else {k: v for k, v in dataclasses.asdict(rs).items() if v is not None}
+        if self.model_type == "deepseek_v3":
+            d["architectures"] = ["DeepseekV3ForCausalLM"]
+        else:
+            d["architectures"] = ["DeepseekV2ForCausalLM"]
+            d["num_experts"] = self.n_routed_experts
+        d["head_dim"] = self.qk_rope_head_dim
+        d["torch_dtype"] = "bfloat16" if self.param_dtype == "bfloat16" else "float32"
+        return d
+
+
+_DSJAX_ONLY = {"init_std", "dtype", "param_dtype", "moe_impl", "moe_block_size", "attention_impl",
+               "kernel_interpret", "remat_policy"}
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _validate(c: ModelConfig) -> None:
+    def need(cond, field, msg):
+        if not cond:
+            raise ConfigError(f"config field '{field}': {msg}")
+
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                 "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim"):
+        v = getattr(c, name)
+        need(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
+    need(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", f"must be even (rotated in pairs), got {c.qk_rope_head_dim}")
+    need(c.q_lora_rank is None or (isinstance(c.q_lora_rank, int) and c.q_lora_rank > 0), "q_lora_rank",
+         f"must be null or a positive integer, got {c.q_lora_rank!r}")
+    need(c.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", f"must be >= 0, got {c.num_nextn_predict_layers}")
+    need(c.first_k_dense_replace >= 0, "first_k_dense_replace", f"must be >= 0, got {c.first_k_dense_replace}")
+    need(c.moe_layer_freq == 1, "moe_layer_freq", f"only 1 is supported (every layer after the dense ones is MoE), got {c.moe_layer_freq}")
+    need(c.hidden_act == "silu", "hidden_act", f"only 'silu' is supported, got {c.hidden_act!r}")
+    need(c.scoring_func in ("sigmoid", "softmax"), "scoring_func", f"must be 'sigmoid' or 'softmax', got {c.scoring_func!r}")
+    need(c.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"), "topk_method",
+         f"must be one of noaux_tc, greedy, group_limited_greedy; got {c.topk_method!r}")
+    if c.num_moe_layers > 0 or c.num_nextn_predict_layers > 0:
+        need(c.n_routed_experts > 0, "n_routed_experts", f"must be > 0, got {c.n_routed_experts}")
+        need(c.moe_intermediate_size > 0, "moe_intermediate_size", f"must be > 0, got {c.moe_intermediate_size}")
+        need(c.n_group >= 1, "n_group", f"must be >= 1, got {c.n_group}")
+        need(c.n_routed_experts % c.n_group == 0, "n_routed_experts",
+             f"{c.n_routed_experts} is not divisible by n_group={c.n_group}")
+        need(1 <= c.topk_group <= c.n_group, "topk_group", f"must be in [1, n_group={c.n_group}], got {c.topk_group}")
+        per_group = c.n_routed_experts // c.n_group
+        need(1 <= c.num_experts_per_tok <= per_group * c.topk_group, "num_experts_per_tok",
+             f"must be in [1, experts in the kept groups = {per_group * c.topk_group}], got {c.num_experts_per_tok}")
+        if c.topk_method == "noaux_tc" and c.n_group > 1:
+            need(per_group >= 2, "n_group", f"noaux_tc scores a group by its top-2 experts; {per_group} expert(s) per group")
+        need(c.n_shared_experts >= 0, "n_shared_experts", f"must be >= 0, got {c.n_shared_experts}")
+    if c.num_dense_layers > 0:
+        need(c.intermediate_size > 0, "intermediate_size", f"must be > 0, got {c.intermediate_size}")
+    need(c.num_key_value_heads == c.num_attention_heads, "num_key_value_heads",
+         f"MLA has one latent shared by all heads; HF requires num_key_value_heads == num_attention_heads "
+         f"({c.num_attention_heads}), got {c.num_key_value_heads}")
+    need(c.dtype in ("float32", "bfloat16"), "dtype", f"must be float32 or bfloat16, got {c.dtype!r}")
+    need(c.param_dtype in ("float32", "bfloat16"), "param_dtype", f"must be float32 or bfloat16, got {c.param_dtype!r}")
+    need(c.moe_impl in ("blocked", "ragged_dot", "dense", "pallas"), "moe_impl",
+         f"must be one of blocked, ragged_dot, dense, pallas; got {c.moe_impl!r}")
+    need(c.attention_impl in ("xla", "pallas"), "attention_impl", f"must be xla or pallas, got {c.attention_impl!r}")
+    need(c.remat_policy in ("none", "full", "dots_saveable"), "remat_policy",
+         f"must be none, full or dots_saveable; got {c.remat_policy!r}")
+    need(c.moe_block_size > 0, "moe_block_size", f"must be > 0, got {c.moe_block_size}")
+    need(c.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {c.rms_norm_eps}")
+    rs = c.rope_scaling
+    if rs is not None:
+        need(rs.type in ("yarn",), "rope_scaling.type", f"only 'yarn' is supported, got {rs.type!r}")
+        need(rs.factor > 0, "rope_scaling.factor", f"must be > 0, got {rs.factor}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+_ROPE_FIELDS = {f.name for f in dataclasses.fields(RopeScaling)}
+# HF config.json keys that carry no information for us (or that we derive).
+_HF_IGNORED = {"architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "head_dim", "qk_head_dim",
+               "output_router_logits", "router_aux_loss_coef", "quantization_config", "_name_or_path",
+               "num_experts", "num_local_experts", "ep_size", "mlp_bias", "return_dict", "use_return_dict",
+               "is_encoder_decoder", "id2label", "label2id", "tie_encoder_decoder", "chunk_size_feed_forward",
+               "output_attentions", "output_hidden_states", "problem_type", "layer_types"}
+
+
+def _rope_from_dict(d: Mapping[str, Any] | None, where: str) -> tuple[RopeScaling | None, float | None]:
+    """Parse `rope_scaling` or `rope_parameters`; returns (scaling or None, rope_theta if inside)."""
+    if d is None:
+        return None, None
+    d = dict(d)
+    theta = d.pop("rope_theta", None)
+    rtype = d.pop("rope_type", None) or d.pop("type", None) or "default"
+    d.pop("type", None)
+    if rtype == "default":
+        return None, theta
+    unknown = set(d) - _ROPE_FIELDS - {"partial_rotary_factor"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown rope scaling field(s) {sorted(unknown)}")
+    d.pop("partial_rotary_factor", None)
+    return RopeScaling(type=rtype, **{k: v for k, v in d.items() if v is not None}), theta
+
+
+def config_from_dict(d: Mapping[str, Any], *, where: str = "config", strict: bool = True) -> ModelConfig:
+    """Build a ModelConfig from a dict (YAML or HF config.json). Unknown keys are errors when strict."""
+    d = dict(d)
+    kw: dict[str, Any] = {}
+    rope_src = d.pop("rope_parameters", None)
+    rope_old = d.pop("rope_scaling", None)
+    rs, theta = _rope_from_dict(rope_old if rope_old is not None else rope_src, where)
+    if rope_old is None and rope_src is None:
+        rs = None
+    kw["rope_scaling"] = rs
+    if theta is not None and "rope_theta" not in d:
+        kw["rope_theta"] = float(theta)
+    if "n_routed_experts" not in d:
+        for alt in ("num_experts", "num_local_experts"):
+            if d.get(alt) is not None:
+                d["n_routed_experts"] = d[alt]
+                break
+    unknown = []
+    for k, v in d.items():
+        if k in _FIELDS:
+            kw[k] = v
+        elif k not in _HF_IGNORED:
+            unknown.append(k)
+    if unknown and strict:
+        raise ConfigError(f"{where}: unknown config field(s) {sorted(unknown)}")
+    if kw.get("model_type") == "deepseek_v2":
+        # HF's V2 has no bias-corrected gate; its greedy top-k ignores n_group.
+        kw.setdefault("scoring_func", "softmax")
+        kw.setdefault("topk_method", "greedy")
+        kw.setdefault("num_nextn_predict_layers", 0)
+    for k in ("rope_theta", "routed_scaling_factor", "rms_norm_eps", "init_std", "initializer_range"):
+        if k in kw and kw[k] is not None:
+            kw[k] = float(kw[k])
+    try:
+        return ModelConfig(**kw)
+    except TypeError as e:  # wrong type for a field
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_override(s: str) -> tuple[str, Any]:
+    if "=" not in s:
+        raise ConfigError(f"override {s!r} is not of the form key=value")
+    k, v = s.split("=", 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+def apply_overrides(cfg: ModelConfig, overrides: Sequence[str] | Mapping[str, Any]) -> ModelConfig:
+    items = overrides.items() if isinstance(overrides, Mapping) else [parse_override(o) for o in overrides]
+    kw = {}
+    rope = dataclasses.asdict(cfg.rope_scaling) if cfg.rope_scaling else None
+    for k, v in items:
+        if k.startswith("rope_scaling."):
+            sub = k.split(".", 1)[1]
+            if sub not in _ROPE_FIELDS:
+                raise ConfigError(f"unknown config field '{k}'")
+            rope = rope or dataclasses.asdict(RopeScaling())
+            rope[sub] = v
+        elif k in _FIELDS:
+            kw[k] = v
+        else:
+            raise ConfigError(f"unknown config field '{k}'")
+    if rope is not None:
+        kw["rope_scaling"] = RopeScaling(**rope)
+    return dataclasses.replace(cfg, **kw)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ModelConfig:
+    """Load a model config from a YAML file, an HF config.json, or a checkpoint directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        resolved = _packaged_config(path)
+        if resolved is None:
+            raise ConfigError(f"{path}: no such config file")
+        path = resolved
+    try:
+        with open(path) as f:
+            raw = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except (OSError, json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    if path.endswith((".yaml", ".yml")) and "model" in raw and isinstance(raw["model"], dict):
+        raw = raw["model"]  # a combined run config: model section
+    cfg = config_from_dict(raw, where=path, strict=not path.endswith(".json"))
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def _packaged_config(name: str) -> str | None:
+    """`tiny` or `configs/tiny.yaml` resolve to the copy shipped inside the package."""
+    here = os.path.join(os.path.dirname(__file__), "configs")
+    base = os.path.basename(name)
+    for cand in (base, base + ".yaml"):
+        p = os.path.join(here, cand)
+        if os.path.exists(p):
+            return p
+    return None

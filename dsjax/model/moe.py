@@ -1,0 +1,160 @@
+"""DeepSeekMoE (SPEC.md section 3): the gate and dropless routed + shared experts.
+
+Expert kernels are stacked: gate_proj/up_proj [experts, hidden, moe_inter], down_proj [experts, moe_inter, hidden].
+
+Four interchangeable expert paths (`cfg.moe_impl`), all dropless and numerically equal:
+  blocked     sort assignments by expert, pad each expert's rows to a multiple of `moe_block_size`,
+              gather into [blocks, block, hidden] and batch-matmul with each block's expert weights.
+              Work is O(tokens*top_k + experts*block): the fast path on CPU, where ragged_dot
+              degenerates into a dense expansion over all experts (SPEC.md, CPU facts).
+  ragged_dot  sort by expert + jax.lax.ragged_dot (the natural TPU/GPU XLA path).
+  pallas      sort by expert + the grouped-matmul Pallas kernel of pallas_kernels.moe.
+  dense       every expert on every token, weighted by the (mostly zero) combine matrix. A reference.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.model.layers import swiglu
+
+
+def route(p_gate: dict, x: jnp.ndarray, cfg: ModelConfig):
+    """Gate for tokens x [T, hidden] -> (weights [T, K] f32, indices [T, K] int32, scores [T, E] f32).
+
+    Scores are computed in float32 from float32 weights, as both reference implementations do.
+    `e_score_correction_bias` only steers selection; the weights are the unbiased scores.
+    """
+    logits = x.astype(jnp.float32) @ p_gate["weight"].astype(jnp.float32)  # [T, E]
+    scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+    t, e = scores.shape
+    k = cfg.num_experts_per_tok
+    if cfg.topk_method == "noaux_tc":
+        choice = scores + p_gate["e_score_correction_bias"].astype(jnp.float32)
+        if cfg.n_group > 1:
+            grouped = choice.reshape(t, cfg.n_group, e // cfg.n_group)
+            group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, n_group]
+            choice = _mask_groups(choice, grouped, group_scores, cfg)
+        idx = jax.lax.top_k(choice, k)[1]
+    elif cfg.topk_method == "group_limited_greedy" and cfg.n_group > 1:
+        grouped = scores.reshape(t, cfg.n_group, e // cfg.n_group)
+        choice = _mask_groups(scores, grouped, grouped.max(-1), cfg)
+        idx = jax.lax.top_k(choice, k)[1]
+    else:  # greedy
+        idx = jax.lax.top_k(scores, k)[1]
+    w = jnp.take_along_axis(scores, idx, axis=-1)
+    if cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return w * cfg.routed_scaling_factor, idx.astype(jnp.int32), scores
+
+
+def _mask_groups(choice, grouped, group_scores, cfg: ModelConfig):
+    """Keep the topk_group best groups; the others get -inf so they can never be chosen."""
+    t, g, per = grouped.shape
+    keep = jax.lax.top_k(group_scores, cfg.topk_group)[1]  # [T, topk_group]
+    group_mask = jnp.zeros((t, g), bool).at[jnp.arange(t)[:, None], keep].set(True)
+    mask = jnp.repeat(group_mask, per, axis=1)
+    return jnp.where(mask, choice, -jnp.inf)
+
+
+def _sort_by_expert(idx: jnp.ndarray, num_experts: int):
+    """Flatten [T, K] assignments and sort them by expert (stable)."""
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # sorted position -> flat assignment
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, flat[order], group_sizes
+
+
+def _combine(y_sorted, order, w, t: int, k: int):
+    """Undo the sort and add each token's K expert outputs, weighted. y_sorted [T*K, hidden]."""
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", y, w.astype(y.dtype))
+
+
+def _experts_dense(p, x, w, idx, cfg):
+    dt = x.dtype
+    t = x.shape[0]
+    combine = jnp.zeros((t, cfg.n_routed_experts), jnp.float32).at[jnp.arange(t)[:, None], idx].add(w)
+    g = jnp.einsum("td,edf->etf", x, p["gate_proj"].astype(dt))
+    u = jnp.einsum("td,edf->etf", x, p["up_proj"].astype(dt))
+    y = jnp.einsum("etf,efd->etd", jax.nn.silu(g) * u, p["down_proj"].astype(dt))
+    return jnp.einsum("etd,te->td", y, combine.astype(dt))
+
+
+def _experts_grouped(p, x, w, idx, cfg, matmul):
+    """Sort tokens by expert, run a grouped matmul `matmul(lhs, rhs, group_sizes)`, combine."""
+    t, k = idx.shape
+    order, _, group_sizes = _sort_by_expert(idx, cfg.n_routed_experts)
+    xs = x[order // k]  # [T*K, hidden] grouped by expert
+    dt = x.dtype
+    g = matmul(xs, p["gate_proj"].astype(dt), group_sizes)
+    u = matmul(xs, p["up_proj"].astype(dt), group_sizes)
+    y = matmul(jax.nn.silu(g) * u, p["down_proj"].astype(dt), group_sizes)
+    return _combine(y, order, w, t, k)
+
+
+def _ragged(lhs, rhs, group_sizes):
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+def _pallas_gmm(interpret):
+    from pallas_kernels.moe import gmm
+
+    return lambda lhs, rhs, gs: gmm(lhs, rhs, gs, impl="pallas", interpret=interpret)
+
+
+def _experts_blocked(p, x, w, idx, cfg):
+    t, k = idx.shape
+    e, bs = cfg.n_routed_experts, cfg.moe_block_size
+    n = t * k
+    order, sorted_e, group_sizes = _sort_by_expert(idx, e)
+    padded = (group_sizes + bs - 1) // bs * bs
+    pad_end = jnp.cumsum(padded)
+    pad_start = pad_end - padded
+    start = jnp.cumsum(group_sizes) - group_sizes
+    dest = pad_start[sorted_e] + (jnp.arange(n) - start[sorted_e])  # row of each sorted assignment
+    num_blocks = -(-(n + e * (bs - 1)) // bs)  # static upper bound on padded blocks
+    block_expert = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(num_blocks) * bs, side="right"), e - 1)
+    dt = x.dtype
+    xb = jnp.zeros((num_blocks * bs, x.shape[1]), dt).at[dest].set(x[order // k]).reshape(num_blocks, bs, -1)
+    g = jnp.einsum("nbd,ndf->nbf", xb, p["gate_proj"].astype(dt)[block_expert])
+    u = jnp.einsum("nbd,ndf->nbf", xb, p["up_proj"].astype(dt)[block_expert])
+    y = jnp.einsum("nbf,nfd->nbd", jax.nn.silu(g) * u, p["down_proj"].astype(dt)[block_expert])
+    return _combine(y.reshape(num_blocks * bs, -1)[dest], order, w, t, k)
+
+
+def routed_experts(p: dict, x: jnp.ndarray, w, idx, cfg: ModelConfig) -> jnp.ndarray:
+    if cfg.moe_impl == "dense":
+        return _experts_dense(p, x, w, idx, cfg)
+    if cfg.moe_impl == "ragged_dot":
+        return _experts_grouped(p, x, w, idx, cfg, _ragged)
+    if cfg.moe_impl == "pallas":
+        return _experts_grouped(p, x, w, idx, cfg, _pallas_gmm(cfg.kernel_interpret))
+    return _experts_blocked(p, x, w, idx, cfg)
+
+
+def moe(p: dict, x: jnp.ndarray, cfg: ModelConfig, token_mask: jnp.ndarray | None = None):
+    """The MoE feed-forward. x [b, s, hidden] -> (y [b, s, hidden], routing statistics).
+
+    Statistics (for balancing and logging; padding tokens excluded via token_mask [b, s]):
+      load        [E]     tokens routed to each expert
+      seq_count   [b, E]  per sequence, tokens choosing each expert (f_i numerator)
+      seq_prob    [b, E]  per sequence, sum over tokens of s_i / sum_j s_j (P_i numerator)
+    """
+    b, s, d = x.shape
+    x2 = x.reshape(b * s, d)
+    w, idx, scores = route(p["gate"], x2, cfg)
+    y = routed_experts(p["experts"], x2, w, idx, cfg)
+    if cfg.n_shared_experts > 0:
+        y = y + swiglu(p["shared_experts"], x2)
+    m = jnp.ones((b * s,), jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
+    chosen = jnp.zeros((b * s, cfg.n_routed_experts), jnp.float32).at[jnp.arange(b * s)[:, None], idx].set(1.0)
+    chosen = chosen * m[:, None]
+    probs = scores / scores.sum(-1, keepdims=True) * m[:, None]
+    stats = {
+        "load": chosen.sum(0),
+        "seq_count": chosen.reshape(b, s, -1).sum(1),
+        "seq_prob": probs.reshape(b, s, -1).sum(1),
+    }
+    return y.reshape(b, s, d), stats
