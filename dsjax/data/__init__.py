@@ -1,0 +1,1 @@
+"""Data shipped with dsjax: the embedded offline corpus (`dsjax.data.corpus`)."""
