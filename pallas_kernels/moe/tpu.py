@@ -49,6 +49,12 @@ def _fit_tiles(m, k, n, tiling, dtype):
   return tm, tk, tn
 
 
+def _precision(dtype):
+  # Explicit, so a global jax_default_matmul_precision="highest" (our tests) does not ask the MXU
+  # for an fp32 contraction of bf16 operands, which Mosaic rejects.
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 def _row_mask(tile, start, end, tm, width):
   rows = tile * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, width), 0)
   return (rows >= start) & (rows < end)
@@ -81,7 +87,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, tiling=None, interpret=Fa
       dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
       acc_ref[...] += jax.lax.dot_general(
           lhs_ref[...].astype(compute_dtype), rhs_ref[...].astype(compute_dtype), dims,
-          preferred_element_type=jnp.float32)
+          precision=_precision(compute_dtype), preferred_element_type=jnp.float32)
 
     @pl.when(active & (kk == nk - 1))
     def _():
@@ -156,7 +162,7 @@ def tgmm(lhs, dout, group_sizes, *, tiling=None, interpret=False):
       x = jnp.where(mask, lhs_ref[...], jnp.zeros((), lhs_ref.dtype)).astype(compute_dtype)
       acc_ref[...] += jax.lax.dot_general(
           x, dout_ref[...].astype(compute_dtype), (((0,), (0,)), ((), ())),
-          preferred_element_type=jnp.float32)
+          precision=_precision(compute_dtype), preferred_element_type=jnp.float32)
 
     @pl.when(active & last)
     def _():

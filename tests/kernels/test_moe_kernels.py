@@ -24,6 +24,7 @@ IMPLS = [
     dict(impl="xla_blocked"),
     dict(impl="xla_blocked", block=8),
     dict(impl="pallas", interpret=True, tiling=TILING),
+    dict(impl="pallas", interpret=True, interpret_kernel="gpu", tiling=(16, 32, 32)),
 ]
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -64,7 +65,7 @@ def test_gmm_forward_and_grads_match_reference(kw, dtype):
   assert not np.any(np.asarray(dr[GROUP_SIZES == 0], np.float32)), "empty groups get zero grad"
 
 
-@pytest.mark.parametrize("kw", IMPLS[:2] + IMPLS[3:], ids=["xla", "blocked", "tpu"])
+@pytest.mark.parametrize("kw", IMPLS[:2] + IMPLS[3:], ids=["xla", "blocked", "tpu", "gpu"])
 def test_tgmm_matches_reference(kw):
   lhs, _, gs, dout = _operands(jnp.float32, seed=1)
   got = jax.jit(lambda a, d, g: tgmm(a, d, g, **kw))(lhs, dout, gs)
@@ -72,7 +73,6 @@ def test_tgmm_matches_reference(kw):
   _close(got, ref.tgmm_reference(lhs, dout, gs), jnp.float32, scale=4)
 
 
-@pytest.mark.skip(reason="needs gpu.py")
 def test_pallas_without_interpret_on_cpu_is_a_clear_error():
   lhs, rhs, gs, _ = _operands(jnp.float32)
   with pytest.raises(PallasUnavailableError, match="interpret=True"):
@@ -151,3 +151,52 @@ def test_permute_round_trip_and_moe_layer():
   y = unpermute_combine(gmm(xs, wexp, gs), inv, jnp.asarray(w))
   want = ref.moe_combine_reference(x, idx, w, lambda e, v: v @ np.asarray(wexp[e], np.float64))
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- accelerator lowering from CPU
+
+def _train_step(impl):
+  """Forward + both gradients of a gmm, as a training step would call it."""
+  def step(lhs, rhs, gs):
+    f = lambda a, b: gmm(a, b, gs, impl=impl).astype(jnp.float32).sum()
+    return jax.value_and_grad(f, (0, 1))(lhs, rhs)
+  return step
+
+
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
+def test_mosaic_compiles_for_tpu(topology):
+  try:
+    from jax.experimental import topologies
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  except Exception as e:  # libtpu missing or too old for this topology
+    pytest.skip(f"libtpu not importable / no {topology} topology: {type(e).__name__}: {e}")
+  mesh = Mesh(np.array(devices), ("expert",))
+  spec = P("expert")
+  per_dev_m, k, n, per_dev_g = 512, 256, 256, 4
+  sm = jax.shard_map(_train_step("pallas"), mesh=mesh, in_specs=(spec, spec, spec),
+                     out_specs=(P(), (spec, spec)), check_vma=False)
+  shard = NamedSharding(mesh, spec)
+  d = len(devices)
+  args = (jax.ShapeDtypeStruct((per_dev_m * d, k), jnp.bfloat16, sharding=shard),
+          jax.ShapeDtypeStruct((per_dev_g * d, k, n), jnp.bfloat16, sharding=shard),
+          jax.ShapeDtypeStruct((per_dev_g * d,), jnp.int32, sharding=shard))
+  lowered = jax.jit(sm).lower(*args)
+  text = lowered.as_text()
+  # gmm forward, gmm with transposed rhs (dlhs), tgmm (drhs): three Mosaic kernels.
+  assert text.count("tpu_custom_call") >= 3, "expected the Mosaic kernels in the lowering"
+  compiled = lowered.compile()
+  assert compiled.memory_analysis() is not None
+
+
+def test_triton_lowers_for_cuda():
+  from jax import export
+  args = (jax.ShapeDtypeStruct((256, 128), jnp.bfloat16),
+          jax.ShapeDtypeStruct((4, 128, 128), jnp.bfloat16),
+          jax.ShapeDtypeStruct((4,), jnp.int32))
+  exp = export.export(
+      jax.jit(_train_step("pallas")), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  text = exp.mlir_module()
+  for name in ("dsjax_gmm_gpu", "dsjax_tgmm_gpu"):
+    assert f'name = "{name}"' in text, name
+  assert text.count("__gpu$xla.gpu.triton") >= 3
