@@ -211,6 +211,16 @@ def test_arrayrecord_source_text_and_json_records(tmp_path):
     assert _documents_in(list(_ds(cfg, split="eval", seq_len=32))) == ["plain text record", "json record", "ünïcode"]
     batch = next(_ds(cfg, seq_len=32))
     assert batch["tokens"].shape == (2, 32)
+    bad, empty = tmp_path / "bad.array_record", tmp_path / "empty.array_record"
+    w = ArrayRecordWriter(str(bad), "group_size:1")
+    w.write(b"fine")
+    w.write(b"\xff\xfe")
+    w.close()
+    ArrayRecordWriter(str(empty), "group_size:1").close()
+    with pytest.raises(DataError, match="bad.array_record: record 1: not UTF-8"):
+        list(iterate_documents(DataConfig(source="arrayrecord", paths=(str(bad),), eval_paths=(str(bad),))))
+    with pytest.raises(DataError, match="empty.array_record: no documents"):
+        list(iterate_documents(DataConfig(source="arrayrecord", paths=(str(empty),))))
 
 
 def test_tfds_source_wiring_with_a_stub_module(monkeypatch):
