@@ -60,8 +60,7 @@ ATTN_CASES = [
 # The interpreter compiles every kernel call (~10 s each on a 2-core CI box): CI runs the case that
 # covers the most (causal + segments + padding + dqk != dv) per backend, the rest are `slow`.
 SLOW = pytest.mark.slow
-from pallas_kernels.mla import gpu as _gpu  # noqa: E402
-BACKENDS = ["pallas_tpu"] + (["pallas_gpu"] if hasattr(_gpu, "flash_fwd") else [])
+BACKENDS = ["pallas_tpu", "pallas_gpu"]
 FP32_PARAMS = [pytest.param(b, c, marks=() if c == 0 else SLOW)
                for b in BACKENDS for c in range(len(ATTN_CASES))]
 
@@ -190,3 +189,50 @@ def test_tpu_kernels_compile(topology):
                       jax.ShapeDtypeStruct((64, 64, r), jnp.bfloat16, sharding=rep),
                       jax.ShapeDtypeStruct((64, 64, rope), jnp.bfloat16, sharding=rep),
                       spec((b,), jnp.int32), spec((b, 16), jnp.int32)).compile()
+
+
+def test_auto_lowers_the_tpu_kernel_for_tpu():
+    """impl="auto" picks the kernel by lowering platform (AOT for TPU from a CPU host)."""
+    mesh = _tpu_mesh("v5p:2x2x1")
+    spec = jax.ShapeDtypeStruct((4, 128, 1, 64), jnp.bfloat16,
+                                sharding=NamedSharding(mesh, P("data")))
+    fn = jax.shard_map(lambda q, k, v: mla_attention(q, k, v), mesh=mesh,
+                       in_specs=(P("data"),) * 3, out_specs=P("data"))
+    text = jax.jit(fn).lower(spec, spec, spec).as_text()
+    assert "tpu_custom_call" in text and "mla_flash_fwd" in text
+
+
+# ----------------------------------------------------------------------------- GPU export
+
+
+def test_gpu_kernels_lower_for_cuda():
+    """The Triton kernels (forward, dq, dk/dv, both decodes) lower for CUDA with jax.export."""
+    from jax import export
+
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    sds = jax.ShapeDtypeStruct
+
+    def grads(q, k, v, seg):
+        loss = lambda q, k, v: mla_attention(q, k, v, segment_ids=seg, impl="pallas_gpu").astype(
+            jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    b, s, h = 2, 200, 2
+    exp = export.export(jax.jit(grads), platforms=["cuda"], disabled_checks=[triton])(
+        sds((b, s, h, 192), jnp.bfloat16), sds((b, s, h, 192), jnp.bfloat16),
+        sds((b, s, h, 128), jnp.bfloat16), sds((b, s), jnp.int32))
+    text = exp.mlir_module()
+    for name in ("mla_flash_fwd", "mla_flash_bwd_dq", "mla_flash_bwd_dkv"):
+        assert name in text, name
+
+    def decode(ql, qp, c, kpe, lens, table):
+        return mla_decode(ql, qp, c, kpe, lens, sm_scale=0.1, page_table=table, impl="pallas_gpu")
+
+    r, rope = 512, 64
+    for cache, table in [((b, 1000, None), None), ((64, 64, None), sds((b, 16), jnp.int32))]:
+        n, t, _ = cache
+        exp = export.export(jax.jit(decode), platforms=["cuda"], disabled_checks=[triton])(
+            sds((b, 16, r), jnp.bfloat16), sds((b, 16, rope), jnp.bfloat16),
+            sds((n, t, r), jnp.bfloat16), sds((n, t, rope), jnp.bfloat16),
+            sds((b,), jnp.int32), table)
+        assert "mla_decode" in exp.mlir_module()
