@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from dsjax.rl.rewards import RewardFn, _resolve
+from dsjax.rl.rewards import RewardFn, resolve_reward
 
 
 def rejection_filter(samples: Sequence[dict], reward_fn: str | RewardFn, threshold: float) -> tuple[list[dict], dict]:
@@ -14,7 +14,7 @@ def rejection_filter(samples: Sequence[dict], reward_fn: str | RewardFn, thresho
     kept dicts are the input objects, in input order). A NaN reward rejects. Returns (kept, stats) with
     stats = {"total", "accepted", "accepted_fraction", "mean_reward"}.
     """
-    fn = _resolve(reward_fn)
+    fn = resolve_reward(reward_fn)
     kept: list[dict] = []
     total_reward = 0.0
     for i, s in enumerate(samples):

@@ -62,14 +62,20 @@ def grpo_loss(logp_new, logp_old, logp_ref, advantages, mask, *, clip_eps: float
 
     Metrics (all token means over the mask): clip_frac (tokens where the clip is active, i.e. the
     gradient through r_t is zero), kl (mean k3), ratio (mean r_t), and objective (= -loss).
+    Values at masked positions (and advantages of all-masked rows) are ignored, even if inf or NaN.
     """
     if aggregation not in ("sequence", "token"):
         raise ValueError(f"grpo_loss: aggregation must be 'sequence' or 'token', got {aggregation!r}")
-    logp_new = jnp.asarray(logp_new, jnp.float32)
-    logp_old = jax.lax.stop_gradient(jnp.asarray(logp_old, jnp.float32))
-    logp_ref = jax.lax.stop_gradient(jnp.asarray(logp_ref, jnp.float32))
-    adv = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))[:, None]  # [B, 1]
     m = jnp.asarray(mask, jnp.float32)  # [B, T]
+    valid = m > 0
+    # Padding may hold anything (-inf, NaN from an out-of-range gather): replace it *before* the math so
+    # that neither the loss nor its gradient can pick up inf * 0 = NaN.
+    clean = lambda x: jnp.where(valid, jnp.asarray(x, jnp.float32), 0.0)  # noqa: E731
+    logp_new = clean(logp_new)
+    logp_old = jax.lax.stop_gradient(clean(logp_old))
+    logp_ref = jax.lax.stop_gradient(clean(logp_ref))
+    adv = jnp.where(valid.any(axis=-1), jnp.asarray(advantages, jnp.float32), 0.0)
+    adv = jax.lax.stop_gradient(adv)[:, None]  # [B, 1]
 
     ratio = jnp.exp(logp_new - logp_old)  # [B, T]
     unclipped = ratio * adv

@@ -39,7 +39,8 @@ RewardFn = Callable[[str, str, Reference], float]
 
 _ANSWER_PAIR = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:|=)\s*([^\n]*)", re.IGNORECASE)
-_NUMBER = re.compile(r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?")
+# A sign counts only when it does not follow a word character ("10-3" ends in the number 3, not -3).
+_NUMBER = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?")
 
 
 def extract_answer(completion: str) -> str | None:
@@ -210,7 +211,8 @@ def list_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _resolve(fn: str | RewardFn) -> RewardFn:
+def resolve_reward(fn: str | RewardFn) -> RewardFn:
+    """A registered name or a callable -> the callable."""
     return get_reward(fn) if isinstance(fn, str) else fn
 
 
@@ -219,7 +221,7 @@ def combine_rewards(fns: Sequence[str | RewardFn], weights: Sequence[float] | No
 
     weights default to 1 each (R1-Zero: accuracy + format).
     """
-    resolved = [_resolve(f) for f in fns]
+    resolved = [resolve_reward(f) for f in fns]
     w = [1.0] * len(resolved) if weights is None else [float(x) for x in weights]
     if len(w) != len(resolved):
         raise ValueError(f"combine_rewards: {len(resolved)} rewards but {len(w)} weights")
@@ -233,7 +235,7 @@ def combine_rewards(fns: Sequence[str | RewardFn], weights: Sequence[float] | No
 def score_batch(fn: str | RewardFn, prompts: Iterable[str], completions: Iterable[str],
                 references: Iterable[Reference]) -> np.ndarray:
     """Rewards of a batch as float32 [N], ready for `grpo.group_advantages` after reshape to [P, G]."""
-    f = _resolve(fn)
+    f = resolve_reward(fn)
     prompts, completions, references = list(prompts), list(completions), list(references)
     if not len(prompts) == len(completions) == len(references):
         raise ValueError(f"score_batch: {len(prompts)} prompts, {len(completions)} completions, "

@@ -89,6 +89,23 @@ def test_grpo_loss_jits_and_ignores_padding_rows():
         grpo_loss(new, old, ref, ADV, MASK, aggregation="mean")
 
 
+def test_grpo_loss_ignores_garbage_under_the_mask():
+    new, old, ref = _logps()
+    want_loss, _ = loss_jit(new, old, ref, ADV, MASK)
+    hole = jnp.asarray(MASK) == 0
+    bad_new = jnp.where(hole, -jnp.inf, new)
+    bad_old = jnp.where(hole, jnp.nan, old)
+    bad_ref = jnp.where(hole, 1e30, ref)
+    adv = jnp.concatenate([jnp.asarray(ADV), jnp.array([jnp.nan])])
+    pad = lambda x: jnp.concatenate([x, jnp.full((1, 3), jnp.nan)])  # noqa: E731
+    mask = jnp.concatenate([jnp.asarray(MASK), jnp.zeros((1, 3))])
+    grad = jax.jit(jax.value_and_grad(lambda x, o, r, a, m: grpo_loss(x, o, r, a, m)[0]))
+    loss, g = grad(pad(bad_new), pad(bad_old), pad(bad_ref), adv, mask)
+    np.testing.assert_allclose(loss, want_loss, atol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(g))) and bool(jnp.all(g[-1] == 0))
+    assert bool(jnp.all(jnp.where(hole, g[:4], 0) == 0))
+
+
 def test_grpo_gradient_at_ratio_one():
     # At logp_new == logp_old, beta=0, sequence aggregation: d loss / d logp_new[i, t] = -A_i / (G |o_i|)
     # on completion tokens (r = exp(logp_new - logp_old) has dr/dlogp_new = r = 1; clip is inactive), 0 elsewhere.

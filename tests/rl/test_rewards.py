@@ -19,6 +19,8 @@ from dsjax.rl.rewards import (accuracy_reward, answers_match, combine_rewards, e
     ("blah. Answer: 12\nmore text", "12"),
     ("the answer is 3/4", "3/4"),
     ("I get 3 then 5 then 1,000", "1,000"),                               # last number
+    ("so x = 10-3", "3"),                                                 # a sign after a digit is an operator
+    ("it is -3", "-3"),
     ("no digits at all", None),
     ("<answer></answer>", ""),                                            # empty answer
     ("", None),
