@@ -1,0 +1,84 @@
+"""Training losses: next-token cross-entropy over packed rows, the MTP loss, the sequence-wise
+balance loss (V3, alpha tiny) and an optional z-loss."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.model.mtp import shifted
+from dsjax.model.transformer import forward
+
+
+def cross_entropy(logits, targets, mask):
+    """Sum of token losses and the token count. logits [b, s, V] f32, targets/mask [b, s]."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    m = mask.astype(jnp.float32)
+    return jnp.sum((logz - tgt) * m), jnp.sum(m), logz
+
+
+def balance_loss(seq_count, seq_prob, token_count, cfg: ModelConfig):
+    """V3's sequence-wise balance loss, summed over MoE layers and averaged over sequences.
+
+    seq_count/seq_prob [layers, b, E] (numerators of f_i and P_i), token_count [b] tokens per sequence.
+    f_i = E/(K*T) * #(tokens choosing i); P_i = mean_t s_{i,t}/sum_j s_{j,t}; L = sum_i f_i P_i.
+    """
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    t = jnp.maximum(token_count, 1.0)[None, :, None]
+    f = e / (k * t) * jax.lax.stop_gradient(seq_count)
+    p = seq_prob / t
+    return jnp.sum(f * p, axis=-1).mean(axis=-1).sum()
+
+
+def token_denominators(batch: dict, mtp_depth: int) -> jnp.ndarray:
+    """Predicted-token counts [1 + mtp_depth] of a whole batch: the LM target (t+1) and each MTP depth.
+
+    Gradient accumulation divides every micro-batch's loss sums by the full batch's counts, so the
+    accumulated gradient equals the one-batch gradient exactly, however padding falls.
+    """
+    tokens, seg = batch["tokens"], batch.get("segment_ids")
+    return jnp.stack([shifted(tokens, seg, k + 1)[1].sum() for k in range(1 + mtp_depth)]).astype(jnp.float32)
+
+
+def loss_fn(params, batch: dict, cfg: ModelConfig, *, mtp_lambda: float, balance_alpha: float, z_loss: float,
+            denoms: jnp.ndarray | None = None):
+    """Scalar loss and metrics for one batch {tokens, segment_ids, positions} ([b, s] int32 each).
+
+    denoms: optional [1 + mtp depth] token counts to normalise by (default: this batch's own)."""
+    tokens, seg = batch["tokens"], batch.get("segment_ids")
+    logits, aux = forward(params, tokens, cfg, positions=batch.get("positions"), segment_ids=seg,
+                          with_mtp=mtp_lambda > 0)
+    targets, valid = shifted(tokens, seg, 1)
+    lm_sum, n, logz = cross_entropy(logits, targets, valid)
+    denom = lambda i, count: jnp.maximum(count if denoms is None else denoms[i], 1.0)
+    lm_loss = lm_sum / denom(0, n)
+    loss = lm_loss
+    metrics = {"lm_loss": lm_loss, "tokens": n}
+    mtp_loss = jnp.zeros((), jnp.float32)
+    if "mtp_logits" in aux:
+        depth = aux["mtp_logits"].shape[0]
+        for k in range(1, depth + 1):  # depth k at t predicts t+k+1
+            tk, vk = shifted(tokens, seg, k + 1)
+            s_k, n_k, _ = cross_entropy(aux["mtp_logits"][k - 1], tk, vk)
+            mtp_loss = mtp_loss + s_k / denom(k, n_k) / depth
+        loss = loss + mtp_lambda * mtp_loss
+    metrics["mtp_loss"] = mtp_loss
+    bal = jnp.zeros((), jnp.float32)
+    if "seq_count" in aux and balance_alpha > 0:
+        tok_per_seq = jnp.sum(seg != 0, axis=1).astype(jnp.float32) if seg is not None else jnp.full(
+            (tokens.shape[0],), tokens.shape[1], jnp.float32)
+        bal = balance_loss(aux["seq_count"], aux["seq_prob"], tok_per_seq, cfg)
+        loss = loss + balance_alpha * bal
+    metrics["balance_loss"] = bal
+    if z_loss > 0:
+        zl = jnp.sum(jnp.square(logz) * valid) / denom(0, n)
+        loss = loss + z_loss * zl
+        metrics["z_loss"] = zl
+    loads = [aux["expert_load"]] if "expert_load" in aux else []
+    if "mtp_expert_load" in aux:
+        loads.append(aux["mtp_expert_load"])
+    if loads:
+        metrics["expert_load"] = jnp.concatenate(loads, axis=0)  # [moe layers (+ mtp), E]
+    metrics["loss"] = loss
+    return loss, metrics

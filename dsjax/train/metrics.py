@@ -1,0 +1,87 @@
+"""Logging: metrics.jsonl (one object per logged step), TensorBoard event files, the progress bar,
+and MFU against the device's peak (measured on CPU)."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.model.params import count_params
+
+PEAKS = {"tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6": 918e12, "tpu v5 lite": 197e12, "tpu v4": 275e12,
+         "h100": 989e12, "h200": 989e12, "a100": 312e12}
+
+
+@functools.lru_cache(maxsize=1)
+def measured_cpu_peak(n: int = 1024, reps: int = 8) -> float:
+    """float32 FLOP/s of a large jnp matmul on this host (the CPU's practical peak)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a = f(a) * 1e-3
+    a.block_until_ready()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def device_peak(tcfg) -> float:
+    if tcfg.peak_flops:
+        return tcfg.peak_flops
+    d = jax.devices()[0]
+    kind = d.device_kind.lower()
+    for k, v in PEAKS.items():
+        if k in kind:
+            return v
+    return measured_cpu_peak()
+
+
+def train_flops_per_token(mcfg, seq_len: int, with_mtp: bool) -> float:
+    """6 x active matmul params (no embedding lookup) + causal attention, per trained token."""
+    c = count_params(mcfg)
+    active = c["active"] - mcfg.vocab_size * mcfg.hidden_size
+    layers = mcfg.num_hidden_layers
+    if with_mtp and mcfg.num_nextn_predict_layers:
+        active += c["mtp_active"] + mcfg.num_nextn_predict_layers * mcfg.vocab_size * mcfg.hidden_size
+        layers += mcfg.num_nextn_predict_layers
+    attn = 3 * layers * mcfg.num_attention_heads * seq_len * (mcfg.qk_head_dim + mcfg.v_head_dim)
+    return 6 * active + attn
+
+
+class MetricsLogger:
+    def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        # Rows past the restored step were written by an interrupted run: the resumed run rewrites them.
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(rows)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()

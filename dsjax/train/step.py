@@ -1,0 +1,88 @@
+"""The training step as one pure function: grads (with optional accumulation), AdamW, the
+bias update of auxiliary-loss-free balancing, and the NaN guard."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsjax.train.balance import apply_bias_updates, load_max_over_mean
+from dsjax.train.loss import loss_fn, token_denominators
+from dsjax.train.optim import lr_schedule, make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray  # int32 scalar
+    params: Any
+    opt_state: Any
+    rng: jnp.ndarray  # uint32 key data
+
+
+def init_state(params, tcfg, seed: int | None = None) -> TrainState:
+    tx = make_optimizer(tcfg)
+    rng = jax.random.key_data(jax.random.key(tcfg.seed if seed is None else seed))
+    return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params), rng)
+
+
+def make_train_step(model_cfg, tcfg):
+    """train_step(state, batch) -> (state, metrics); batch arrays are [batch, seq] (split into
+    tcfg.grad_accum micro-batches)."""
+    tx = make_optimizer(tcfg)
+    sched = lr_schedule(tcfg)
+    lfn = functools.partial(loss_fn, cfg=model_cfg, mtp_lambda=tcfg.mtp_lambda, balance_alpha=tcfg.balance_alpha,
+                            z_loss=tcfg.z_loss)
+    grad_fn = jax.value_and_grad(lfn, has_aux=True)
+
+    def grads_and_metrics(params, batch):
+        if tcfg.grad_accum == 1:
+            (_, m), g = grad_fn(params, batch)
+            return g, m
+        # LM/MTP losses are micro-batch sums divided by the whole batch's token counts, and the
+        # per-sequence balance loss is weighted 1/n: the micro-batch gradients then add up exactly to
+        # the one-batch gradient, however padding falls.
+        n = tcfg.grad_accum
+        denoms = token_denominators(batch, model_cfg.num_nextn_predict_layers if tcfg.mtp_lambda > 0 else 0)
+        micro = jax.tree.map(lambda a: a.reshape(n, -1, *a.shape[1:]), batch)
+        acc_grad_fn = jax.value_and_grad(functools.partial(lfn, balance_alpha=tcfg.balance_alpha / n, denoms=denoms),
+                                         has_aux=True)
+        averaged = ("balance_loss",)
+
+        def body(acc, mb):
+            (_, m), g = acc_grad_fn(params, mb)
+            m = {k: (v / n if k in averaged else v) for k, v in m.items()}
+            return jax.tree.map(jnp.add, acc, (g, m)), None
+
+        (_, m0), g0 = jax.eval_shape(acc_grad_fn, params, jax.tree.map(lambda a: a[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, m0))
+        (g, m), _ = jax.lax.scan(body, zeros, micro)
+        return g, m
+
+    def train_step(state: TrainState, batch):
+        grads, m = grads_and_metrics(state.params, batch)
+        gnorm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        load = m.pop("expert_load", None)
+        params = apply_bias_updates(params, load, tcfg.bias_gamma, model_cfg)
+        finite = jnp.isfinite(m["loss"]) & jnp.isfinite(gnorm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), state.rng)
+        m.update(grad_norm=gnorm, lr=sched(state.step), finite=finite)
+        if load is not None:
+            m["expert_load_max_over_mean"] = load_max_over_mean(load)
+        return new, m
+
+    return train_step
+
+
+def make_eval_step(model_cfg, tcfg):
+    def eval_step(params, batch):
+        _, m = loss_fn(params, batch, model_cfg, mtp_lambda=tcfg.mtp_lambda, balance_alpha=0.0, z_loss=0.0)
+        return {"loss": m["lm_loss"] * m["tokens"], "tokens": m["tokens"]}
+
+    return eval_step

@@ -1,0 +1,158 @@
+"""The training loop: data -> jitted step -> logging, eval, checkpoints; resumes where it stopped."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from dsjax.config import ConfigError
+from dsjax.model.params import init_params
+from dsjax.train.checkpointing import Checkpointer, abstract_of
+from dsjax.train.config import TrainConfig, to_yaml
+from dsjax.train.metrics import MetricsLogger, device_peak, train_flops_per_token
+from dsjax.train.step import init_state, make_eval_step, make_train_step
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss under nan_policy=stop)."""
+
+
+def _check_run_config(workdir: str, tcfg: TrainConfig) -> None:
+    """A workdir belongs to one model: resuming it with a different architecture is an error."""
+    path = os.path.join(workdir, "run_config.yaml")
+    text = to_yaml(tcfg)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = yaml.safe_load(f) or {}
+        new = yaml.safe_load(text)
+        diff = [k for k in new["model"] if old.get("model", {}).get(k) != new["model"][k]
+                and k not in ("dtype", "remat_policy", "moe_impl", "attention_impl", "kernel_interpret", "moe_block_size")]
+        if diff:
+            raise ConfigError(f"{path}: workdir was created for a different model (fields {diff} differ); "
+                              "use a new --workdir")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _mesh_setup(tcfg: TrainConfig):
+    """(mesh or None, state placement fn, batch placement fn). One device: no mesh."""
+    if len(jax.devices()) == 1:
+        return None, (lambda s: s), (lambda b: jax.tree.map(jnp.asarray, b))
+    from dsjax.parallel import mesh as pm
+
+    mesh = pm.make_mesh(tcfg.mesh)
+    bsh = pm.batch_sharding(mesh)
+
+    def place_state(state):
+        return jax.device_put(state, pm.state_shardings(mesh, tcfg.model, abstract_of(state)))
+
+    return mesh, place_state, (lambda b: jax.tree.map(lambda a: jax.device_put(a, bsh), b))
+
+
+def _eval(eval_fn, params, tcfg, place_batch) -> float:
+    from dsjax.train.data import make_dataset
+
+    it = make_dataset(tcfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed, split="eval")
+    tot, n = 0.0, 0.0
+    for _ in range(tcfg.eval_batches):
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        m = eval_fn(params, place_batch(batch))
+        tot += float(m["loss"])
+        n += float(m["tokens"])
+    return tot / max(n, 1.0)
+
+
+def train(tcfg: TrainConfig, workdir: str) -> list[dict]:
+    """Train (or resume) in `workdir`. Returns the logged metric rows of this invocation."""
+    from dsjax.train.data import make_dataset
+
+    os.makedirs(workdir, exist_ok=True)
+    _check_run_config(workdir, tcfg)
+    mcfg = tcfg.model
+    main = jax.process_index() == 0
+    mesh, place_state, place_batch = _mesh_setup(tcfg)
+    ctx = jax.sharding.use_mesh(mesh) if mesh is not None and hasattr(jax.sharding, "use_mesh") else _null()
+    with ctx:
+        return _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset):
+    state = place_state(init_state(init_params(mcfg, tcfg.seed), tcfg))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints,
+                        async_save=tcfg.async_checkpointing)
+    data = make_dataset(tcfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed, split="train")
+    start = 0
+    restored = ckpt.restore(abstract_of(state))
+    if restored is not None:
+        start, state, dstate = restored
+        data.set_state(dstate)
+        if main:
+            print(f"resumed from {ckpt.directory}/{start}", file=sys.stderr)
+    logger = MetricsLogger(workdir, start, enabled=main)
+    step_fn = jax.jit(make_train_step(mcfg, tcfg), donate_argnums=0)
+    eval_fn = jax.jit(make_eval_step(mcfg, tcfg))
+    flops_tok = train_flops_per_token(mcfg, tcfg.seq_len, tcfg.mtp_lambda > 0)
+    peak = device_peak(tcfg) * len(jax.devices())
+    bar = None
+    if main and tcfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    rows, t0, toks, step = [], time.perf_counter(), 0.0, start
+    try:
+        for step in range(start + 1, tcfg.steps + 1):
+            batch = place_batch(next(data))
+            state, m = step_fn(state, batch)
+            toks += float(tcfg.tokens_per_step)
+            if not bool(m["finite"]):
+                msg = f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])})"
+                if tcfg.nan_policy == "stop":
+                    raise TrainingError(msg + "; stopping (set nan_policy=skip to skip such batches)")
+                warnings.warn(msg + "; batch skipped, parameters unchanged")
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                dt = time.perf_counter() - t0
+                tps = toks / dt
+                row = {"step": step}
+                row.update({k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0})
+                row.update(tokens_per_sec=tps, mfu=tps * flops_tok / peak)
+                if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                    row["eval_loss"] = _eval(eval_fn, state.params, tcfg, place_batch)
+                logger.log(row)
+                rows.append(row)
+                t0, toks = time.perf_counter(), 0.0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.1%}")
+            if bar is not None:
+                bar.update(1)
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+                ckpt.save(step, state, data.get_state())
+    except KeyboardInterrupt:
+        if step > start and int(state.step) == step:
+            ckpt.save(step, state, data.get_state())  # nothing lost on Ctrl-C
+        raise
+    finally:
+        ckpt.close()
+        logger.close()
+        if bar is not None:
+            bar.close()
+    return rows
