@@ -1,0 +1,1 @@
+"""Scale-out: the device mesh and sharding rules, expert parallelism, multi-host helpers, AOT compile."""
