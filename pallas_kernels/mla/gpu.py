@@ -14,9 +14,11 @@ accumulators (dk [32, 256] and dv [32, 128]). The backward is two kernels: dk/dv
 kv block, looping over q blocks from the diagonal) and dq (one program per q block), each
 recomputing p from the saved log-sum-exp; no atomics.
 
-Decode: one program per (batch, split) multiplies q [heads_pad16, kv_lora_rank] by [block_t,
-rank] tiles of its cache range (heads share the latent cache, so this is a real matmul), with
-masked loads past the length; paged caches read one page per step through the page table.
+Decode: one program per (batch, head block, split) multiplies q [<=64 heads, kv_lora_rank] by
+[block_t, rank] tiles of its cache range (heads share the latent cache, so this is a real
+matmul), with masked loads past the length; paged caches read one page per step through the page
+table. Heads are padded to a power of two >= 16 and blocked by 64 (FlashMLA's choice): a
+[64, 512] float32 accumulator is what fits in registers; 128 heads then read the cache twice.
 """
 import functools
 
@@ -245,7 +247,7 @@ def flash_bwd(q, k, v, q_seg, kv_seg, lse, delta, do, *, sm_scale, causal, kv_le
 
 def _decode_kernel(lengths_ref, pages_ref, ql_ref, qp_ref, c_ref, kpe_ref, o_ref, lse_ref, *,
                    sm_scale, block_t, blocks_per_split, n_blocks, cache_len, paged):
-    bi, sp = pl.program_id(0), pl.program_id(1)
+    bi, sp = pl.program_id(0), pl.program_id(2)
     length = jnp.minimum(lengths_ref[bi], cache_len)
     ql, qp = ql_ref[...], qp_ref[...]  # [heads, rank], [heads, rope]
     heads = ql.shape[0]
@@ -304,16 +306,17 @@ def decode_partials(q_latent, q_pe, latent_cache, rope_cache, lengths, page_tabl
                                blocks_per_split=bps, n_blocks=n_blocks, cache_len=cache_len,
                                paged=page_table is not None)
     whole = pl.BlockSpec()  # whole array: the kernel indexes it (pages, lengths) itself
-    q_spec = lambda d: pl.BlockSpec((None, hp, d), lambda bi, sp: (bi, 0, 0))
+    hb = min(hp, 64)  # head block: a [64, 512] float32 accumulator is the register budget
+    q_spec = lambda d: pl.BlockSpec((None, hb, d), lambda bi, hi, sp: (bi, hi, 0))
     o, lse = pl.pallas_call(
         kernel,
-        grid=(b, num_splits),
+        grid=(b, hp // hb, num_splits),
         in_specs=[whole, whole, q_spec(rp), q_spec(rope_p), whole, whole],
-        out_specs=[pl.BlockSpec((None, None, hp, rp), lambda bi, sp: (bi, sp, 0, 0)),
-                   pl.BlockSpec((None, None, hp), lambda bi, sp: (bi, sp, 0))],
+        out_specs=[pl.BlockSpec((None, None, hb, rp), lambda bi, hi, sp: (bi, sp, hi, 0)),
+                   pl.BlockSpec((None, None, hb), lambda bi, hi, sp: (bi, sp, hi))],
         out_shape=[out_struct((b, num_splits, hp, rp), _F32, q_latent),
                    out_struct((b, num_splits, hp), _F32, q_latent)],
-        compiler_params=_params(4),
+        compiler_params=_params(8),
         interpret=interpret,
         name="mla_decode",
     )(lengths.astype(jnp.int32), pages, ql, qp, c, kpe)

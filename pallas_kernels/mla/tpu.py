@@ -22,8 +22,8 @@ grid step multiplies q [heads, kv_lora_rank] by a [block_t, kv_lora_rank] cache 
 matmul per tile instead of one matvec per head. Grid (batch, splits, blocks_per_split); lengths
 and the page table are scalar-prefetched into SMEM and drive the index maps (paged: block = one
 page; blocks past the length are clamped to the last valid one, so they cost no DMA, and
-skipped). Each split writes an unnormalised-free partial (o normalised within the split, and its
-log-sum-exp); the caller combines splits in XLA.
+skipped). Each split writes its partial output (normalised within the split) and its
+log-sum-exp; the caller combines the splits in XLA.
 """
 import functools
 

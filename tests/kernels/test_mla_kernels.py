@@ -236,3 +236,15 @@ def test_gpu_kernels_lower_for_cuda():
             sds((n, t, r), jnp.bfloat16), sds((n, t, rope), jnp.bfloat16),
             sds((b,), jnp.int32), table)
         assert "mla_decode" in exp.mlir_module()
+
+
+@SLOW
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_many_heads(backend):
+    """80 heads: the GPU kernel pads to 128 and runs two 64-head blocks."""
+    ql, qp, c, kpe = _decode_inputs(jax.random.PRNGKey(11), 2, 80, 32, 16, 40)
+    lengths = jnp.array([7, 40], jnp.int32)
+    got = mla_decode(ql, qp, c, kpe, lengths, sm_scale=0.1, impl=backend, interpret=True,
+                     num_splits=2, block_t=16)
+    want = mla_decode(ql, qp, c, kpe, lengths, sm_scale=0.1, impl="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
