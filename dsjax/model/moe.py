@@ -125,6 +125,10 @@ def _experts_blocked(p, x, w, idx, cfg):
 
 
 def routed_experts(p: dict, x: jnp.ndarray, w, idx, cfg: ModelConfig) -> jnp.ndarray:
+    from dsjax.parallel import expert_parallel as ep  # late: dsjax.parallel imports this module
+
+    if ep.expert_axis_size() > 1:  # a mesh with an "expert" axis is set: tokens travel to their experts
+        return ep.routed_experts_ep(p, x, w, idx, cfg)
     if cfg.moe_impl == "dense":
         return _experts_dense(p, x, w, idx, cfg)
     if cfg.moe_impl == "ragged_dot":

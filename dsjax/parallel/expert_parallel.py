@@ -1,0 +1,170 @@
+"""Dropless expert parallelism: tokens travel to the devices that own their experts and come back.
+
+Under a mesh with an "expert" axis of size n > 1 (set by the caller with `jax.set_mesh`), each
+device along that axis owns E/n consecutive routed experts. `routed_experts_ep` runs inside
+`shard_map`; per device, with its T local tokens and their top-K choices:
+
+  1. sort the T*K assignments by expert (so by destination device too) and count them;
+  2. dispatch: all-to-all over "expert" sends each destination its rows, sorted by local expert.
+     TPU/GPU: `jax.lax.ragged_all_to_all` (only the real rows travel). CPU, where it does not
+     lower: a padded all-to-all whose per-destination buffers hold the worst case,
+     T * min(K, E/n) rows, so nothing is ever dropped;
+  3. the local experts' grouped matmul over the received rows, with the model's own expert paths
+     (dsjax.model.moe: blocked / ragged_dot / pallas / dense, per cfg.moe_impl);
+  4. the reverse all-to-all, then the weighted combine of each token's K outputs.
+The receive buffer is sized for the worst case (every source sending all its tokens here), which is
+what static shapes cost a dropless scheme: n * T * min(K, E/n) rows per device.
+
+Routing (the gate) and the shared experts stay outside: they are ordinary sharded computations.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from dsjax.config import ModelConfig
+from dsjax.model import moe as moe_lib
+
+EXPERT_AXIS = "expert"
+_TOKEN_AXES = ("dcn", "data", "fsdp", "expert")
+
+
+def current_mesh():
+    """The mesh set by `jax.set_mesh` (an AbstractMesh), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    return mesh
+
+
+def expert_axis_size(mesh=None) -> int:
+    """Size of the "expert" axis of the current mesh; 1 when there is none or it is already manual
+    (inside a shard_map over it)."""
+    mesh = current_mesh() if mesh is None else mesh
+    if mesh is None or EXPERT_AXIS not in mesh.axis_names:
+        return 1
+    if EXPERT_AXIS in getattr(mesh, "manual_axes", ()):
+        return 1
+    return dict(mesh.shape)[EXPERT_AXIS]
+
+
+def _token_axes(mesh, t: int) -> tuple[str, ...]:
+    """Mesh axes the T tokens are split over inside the shard_map: the batch axes that divide T."""
+    sizes = dict(mesh.shape)
+    out, prod = [], 1
+    for a in _TOKEN_AXES:
+        n = sizes.get(a, 1)
+        if n > 1 and t % (prod * n) == 0:
+            out.append(a)
+            prod *= n
+    return tuple(out)
+
+
+def routed_experts_ep(p: dict, x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray, cfg: ModelConfig, mesh=None):
+    """Expert-parallel `routed_experts`: x [T, hidden], w/idx [T, K] (global arrays) -> [T, hidden]."""
+    mesh = current_mesh() if mesh is None else mesh
+    n = expert_axis_size(mesh)
+    e = cfg.n_routed_experts
+    t = x.shape[0]
+    if e % n:
+        raise ValueError(f"expert parallelism: n_routed_experts={e} is not divisible by the mesh's expert axis ({n})")
+    axes = _token_axes(mesh, t)
+    if EXPERT_AXIS not in axes:
+        raise ValueError(f"expert parallelism: {t} tokens cannot be split over the expert axis ({n}); "
+                         f"make batch*seq divisible by the batch mesh axes")
+    tok = P(axes)
+    wspec = P(EXPERT_AXIS)
+    body = functools.partial(_local, cfg=cfg, n=n)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(jax.tree.map(lambda _: wspec, p), tok, tok, tok), out_specs=tok)
+    return fn(p, x, w, idx)
+
+
+def _local(p, x, w, idx, *, cfg: ModelConfig, n: int):
+    """Per device: x [T, d] local tokens, w/idx [T, K], p = this device's E/n experts."""
+    t, k = idx.shape
+    e = cfg.n_routed_experts
+    el = e // n
+    me = jax.lax.axis_index(EXPERT_AXIS)
+    order, _, counts = moe_lib._sort_by_expert(idx, e)  # counts [E] for my tokens
+    xs = x[order // k]  # [T*K, d], sorted by expert, hence by destination
+    send = counts.reshape(n, el).sum(1)  # rows to each destination
+    send_off = jnp.cumsum(send) - send
+    all_counts = jax.lax.all_gather(counts, EXPERT_AXIS)  # [n(src), E]
+    m = all_counts.reshape(n, n, el).sum(-1)  # [src, dst] rows
+    mine = jax.lax.dynamic_slice_in_dim(all_counts, me * el, el, axis=1)  # [src, el] rows for my experts
+    recv = mine.sum(1)  # [src]
+    cap = t * min(k, el)  # worst-case rows from one source
+    args = (xs, send, send_off, m, mine, recv, me, p)
+    ys = jax.lax.platform_dependent(*args, cpu=functools.partial(_padded, cfg=cfg, n=n, cap=cap),
+                                    default=functools.partial(_ragged, cfg=cfg, n=n, cap=cap))
+    return moe_lib._combine(ys, order, w, t, k)
+
+
+def _local_experts(p, rows, ids, cfg: ModelConfig, el: int):
+    """The local experts on received rows [R, d] with local expert ids [R] (el = padding: no expert).
+    Returns unweighted outputs [R, d], zero on padding rows."""
+    valid = ids < el
+    lcfg = cfg.replace(n_routed_experts=el, num_experts_per_tok=1, n_group=1, topk_group=1)
+    if cfg.moe_impl in ("ragged_dot", "pallas"):
+        # ids == el sort last and fall outside every group: the grouped matmul skips them.
+        mm = moe_lib._ragged if cfg.moe_impl == "ragged_dot" else moe_lib._pallas_gmm(cfg.kernel_interpret)
+        return moe_lib._experts_grouped(p, rows, valid[:, None].astype(jnp.float32), ids[:, None], lcfg, mm)
+    safe = jnp.where(valid, ids, el - 1)[:, None]  # padding rides along in the last expert, weight 0
+    wts = valid[:, None].astype(jnp.float32)
+    if cfg.moe_impl == "dense":
+        return moe_lib._experts_dense(p, rows, wts, safe, lcfg)
+    return moe_lib._experts_blocked(p, rows, wts, safe, lcfg)
+
+
+def _segment_ids(sizes, total: int, el: int):
+    """Row r of a buffer laid out as consecutive segments of `sizes` (flattened [.., el], segment j
+    belonging to local expert j % el) -> its local expert, or el past the last segment."""
+    flat = sizes.reshape(-1)
+    ends = jnp.cumsum(flat)
+    seg = jnp.searchsorted(ends, jnp.arange(total), side="right")
+    return jnp.where(seg < flat.shape[0], seg % el, el).astype(jnp.int32)
+
+
+def _padded(xs, send, send_off, m, mine, recv, me, p, *, cfg, n, cap):
+    """CPU: fixed-size all-to-all. Buffer [n(dst), cap, d]; source s's rows land in slot s."""
+    nk, d = xs.shape
+    el = cfg.n_routed_experts // n
+    dest = jnp.searchsorted(jnp.cumsum(send), jnp.arange(nk), side="right")  # destination of sorted row i
+    slot = dest * cap + (jnp.arange(nk) - send_off[dest])
+    buf = jnp.zeros((n * cap, d), xs.dtype).at[slot].set(xs).reshape(n, cap, d)
+    got = jax.lax.all_to_all(buf, EXPERT_AXIS, 0, 0, tiled=False)  # [n(src), cap, d]
+    # rows from source s: sorted by my local experts, mine[s] rows each; then padding
+    ids = jax.vmap(lambda c: _segment_ids(c, cap, el))(mine)  # [n, cap]
+    y = _local_experts(p, got.reshape(n * cap, d), ids.reshape(-1), cfg, el).reshape(n, cap, d)
+    back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0, tiled=False)  # [n(dst), cap, d]: my rows, returned
+    return back.reshape(n * cap, d)[slot]
+
+
+def _ragged(xs, send, send_off, m, mine, recv, me, p, *, cfg, n, cap):
+    """TPU/GPU: ragged all-to-all; only real rows travel. Receive buffer [n * cap, d]."""
+    nk, d = xs.shape
+    el = cfg.n_routed_experts // n
+    before = jnp.cumsum(m, axis=0) - m  # [src, dst]: rows other sources put ahead of src at dst
+    out_off = before[me]  # where my rows land at each destination
+    recv_off = jnp.cumsum(recv) - recv  # where each source's rows sit in my buffer
+    got = jax.lax.ragged_all_to_all(xs, _like(xs, (n * cap, d)), send_off, send, out_off, recv,
+                                    axis_name=EXPERT_AXIS)
+    ids = _segment_ids(mine, n * cap, el)  # consecutive (source, local expert) segments
+    y = _local_experts(p, got, ids, cfg, el)
+    # reverse: my rows from source s go back to s at the offset s used for me
+    sent_before = jnp.cumsum(m, axis=1) - m  # [src, dst]: each source's own send offsets
+    back_off = jax.lax.dynamic_index_in_dim(sent_before, me, axis=1, keepdims=False)
+    return jax.lax.ragged_all_to_all(y, _like(y, (nk, d)), recv_off, recv, back_off, send,
+                                     axis_name=EXPERT_AXIS)
+
+
+
+def _like(x, shape):
+    """A zero output buffer that varies over the same manual mesh axes as x (shard_map's type check)."""
+    z = jnp.zeros(shape, x.dtype)
+    aval = jax.typeof(x)
+    vma = tuple(getattr(aval, "vma", None) or getattr(getattr(aval, "mat", None), "varying", ()))
+    return jax.lax.pcast(z, vma, to="varying") if vma else z
