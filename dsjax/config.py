@@ -268,7 +268,7 @@ def config_from_dict(d: Mapping[str, Any], *, where: str = "config", strict: boo
             kw[k] = float(kw[k])
     try:
         return ModelConfig(**kw)
-    except TypeError as e:  # wrong type for a field
+    except (TypeError, ConfigError) as e:  # wrong type for a field, or a failed check: name the file too
         raise ConfigError(f"{where}: {e}") from None
 
 
