@@ -1,0 +1,55 @@
+"""`dsjax compile --config PATH --topology v5p-512 [key=value ...]`: AOT-compile the training step
+for a TPU topology on this machine (needs libtpu, no TPU) and report per-chip memory, FLOPs per step
+and the MFU XLA's estimate implies. Exit status 0 when the step fits in HBM, 3 when it does not.
+
+Topologies: v5p-N (N TensorCores, 2 per chip), v6e-N (N chips), or a shape like v5p:4x8x8.
+Overrides as for `dsjax train`: mesh.fsdp=32 mesh.expert=8 batch_size=256 seq_len=4096 model.remat_policy=full.
+Without batch_size / seq_len (on the command line or in the file) the batch is --per-chip-batch
+sequences per chip of --seq-len tokens.
+"""
+from __future__ import annotations
+
+import os
+
+import yaml
+
+EXIT_DOES_NOT_FIT = 3
+
+
+def _given(path: str, overrides, key: str) -> bool:
+    if any(o.split("=", 1)[0].strip() == key for o in overrides):
+        return True
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and (key in raw or key in (raw.get("train") or {}))
+
+
+def run(args) -> int:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; TPU devices come from the topology
+    from dsjax.parallel import aot
+    from dsjax.train.config import load_train_config
+
+    # ConfigErrors (bad topology, mesh, batch) reach the CLI, which prints them and exits 2.
+    topo = aot.parse_topology(args.topology)
+    overrides = list(args.overrides)
+    if not _given(args.config, overrides, "batch_size"):
+        overrides.append(f"batch_size={args.per_chip_batch * topo.chips}")
+    if not _given(args.config, overrides, "seq_len"):
+        overrides.append(f"seq_len={args.seq_len}")
+    tcfg = load_train_config(args.config, overrides)
+    rep = aot.compile_report(tcfg, topo)
+    print(rep.text())
+    return 0 if rep.fits else EXIT_DOES_NOT_FIT
+
+
+def register(sub, help_):
+    p = sub.add_parser("compile", help=help_, description=__doc__)
+    p.add_argument("--config", required=True, help="model or run YAML")
+    p.add_argument("--topology", required=True, help="v5p-N, v6e-N, or v5p:AxBxC / v6e:AxB")
+    p.add_argument("--per-chip-batch", type=int, default=1, help="sequences per chip when batch_size is not given")
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence when seq_len is not given")
+    p.add_argument("overrides", nargs="*", help="key=value, model.key=value, mesh.key=value")
+    p.set_defaults(func=run)
