@@ -77,7 +77,7 @@ def _options(cfg: ModelConfig, max_new_tokens, temperature, top_k, top_p, stop_t
             raise ConfigError(f"speculative decoding is greedy only (temperature 0), got temperature {temperature}")
     if moe_impl not in MOE_IMPLS:
         raise ConfigError(f"moe_impl must be one of {', '.join(MOE_IMPLS)}; got {moe_impl!r}")
-    opts = DecodeOptions(int(max_new_tokens), sampler.greedy, int(pad_id), bool(speculative), moe_impl, decode_impl)
+    opts = DecodeOptions(int(max_new_tokens), int(pad_id), bool(speculative), moe_impl, decode_impl)
     return opts, sampler.params(), stop_array(stop)
 
 

@@ -30,16 +30,21 @@ class Sampler:
 
 
     def params(self) -> dict:
-        """The traced part (changing it does not recompile): temperature, top_k (0 = off), top_p (1 = off)."""
-        return {"temperature": jnp.float32(self.temperature if self.temperature > 0 else 1.0),
+        """Traced (changing them does not recompile): greedy, temperature, top_k (0 = off), top_p (1 = off)."""
+        return {"greedy": jnp.bool_(self.greedy),
+                "temperature": jnp.float32(self.temperature if self.temperature > 0 else 1.0),
                 "top_k": jnp.int32(self.top_k or 0), "top_p": jnp.float32(self.top_p or 1.0)}
 
 
-def sample(logits: jnp.ndarray, key, greedy: bool, sp: dict | None = None) -> jnp.ndarray:
-    """logits [b, vocab] -> token ids [b] int32. greedy is static; sp = Sampler.params() (traced)."""
+def sample(logits: jnp.ndarray, key, sp: dict) -> jnp.ndarray:
+    """logits [b, vocab] -> token ids [b] int32; sp = Sampler.params(). One compiled program serves greedy
+    and sampling (lax.cond runs only the chosen branch, so greedy pays for no sort)."""
     logits = logits.astype(jnp.float32)
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(sp["greedy"], greedy, lambda: _sample(logits, key, sp))
+
+
+def _sample(logits, key, sp):
     b, v = logits.shape
     logits = logits / sp["temperature"]
     neg = jnp.finfo(jnp.float32).min

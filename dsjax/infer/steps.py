@@ -34,7 +34,7 @@ class DecodeOptions:
     """Everything static about one generation call (hashable: it keys the compiled functions)."""
 
     max_new_tokens: int
-    greedy: bool = True  # temperature, top-k, top-p and the stop tokens are traced (state), not static
+    # sampling (greedy, temperature, top-k, top-p) and the stop tokens are traced (in the state), not static
     pad_id: int = 0
     speculative: bool = False
     moe_impl: str = "auto"  # expert path in decode passes: auto | blocked | ragged_dot | dense | pallas
@@ -72,7 +72,7 @@ def init_state(params, tokens, lengths, key, cache, stop, sampling, cfg: ModelCo
         start = jnp.zeros((b,), jnp.int32)
         logits, h, cache = prefill(params, tokens, cache, cfg, **kw)
     cache = dict(cache, lengths=start + lengths)
-    tok = sample(logits[bi, lengths - 1], jax.random.fold_in(key, 0), opts.greedy, sampling)
+    tok = sample(logits[bi, lengths - 1], jax.random.fold_in(key, 0), sampling)
     n = opts.max_new_tokens
     out = jnp.full((b, n + 2), opts.pad_id, jnp.int32).at[:, 0].set(tok)
     state = {"cache": cache, "token": tok, "out": out, "count": jnp.ones((b,), jnp.int32),
@@ -94,7 +94,7 @@ def plain_step(params, state: dict, cfg: ModelConfig, opts: DecodeOptions) -> di
                               decode_impl=opts.decode_impl)
     live = (~done).astype(jnp.int32)
     cache = dict(cache, lengths=cache["lengths"] + live)
-    tok = sample(logits[:, 0], jax.random.fold_in(state["key"], state["step"]), opts.greedy, state["sampling"])
+    tok = sample(logits[:, 0], jax.random.fold_in(state["key"], state["step"]), state["sampling"])
     tok = jnp.where(done, opts.pad_id, tok)
     sink = state["out"].shape[1] - 1
     out = state["out"].at[jnp.arange(tok.shape[0]), jnp.where(done, sink, count)].set(tok)

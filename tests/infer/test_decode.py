@@ -69,6 +69,7 @@ def test_cached_decode_matches_full_forward(setup):
     assert step._cache_size() == 1  # one compilation serves every step
 
 
+@pytest.mark.slow  # the same T = 2 pass is exercised by test_speculative_equals_greedy
 def test_multi_token_extend_matches_forward(setup):
     """T = 2 new tokens at once (the speculative verify) from per-sequence offsets 3/2/5."""
     s = setup
@@ -94,6 +95,7 @@ def test_mtp_cache_matches_mtp_forward(setup):
     np.testing.assert_allclose(np.asarray(mtp_logits), s["ref_mtp"][:, 3:5], **TOL)
 
 
+@pytest.mark.slow
 def test_decode_kernel_hook_matches_jnp(setup):
     """decode_impl routes single-token attention to pallas_kernels.mla.mla_decode ("xla" = its reference)."""
     mod = pytest.importorskip("pallas_kernels.mla")
