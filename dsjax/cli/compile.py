@@ -5,10 +5,11 @@ and the MFU XLA's estimate implies. Exit status 0 when the step fits in HBM, 3 w
 Topologies: v5p-N (N TensorCores, 2 per chip), v6e-N (N chips), or a shape like v5p:4x8x8.
 Overrides as for `dsjax train`: mesh.fsdp=32 mesh.expert=8 batch_size=256 seq_len=4096 model.remat_policy=full.
 Without batch_size / seq_len (on the command line or in the file) the batch is --per-chip-batch
-sequences per chip of --seq-len tokens.
+sequences per chip of --seq-len tokens (at most the model's max_position_embeddings).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import yaml
@@ -37,9 +38,9 @@ def run(args) -> int:
     overrides = list(args.overrides)
     if not _given(args.config, overrides, "batch_size"):
         overrides.append(f"batch_size={args.per_chip_batch * topo.chips}")
-    if not _given(args.config, overrides, "seq_len"):
-        overrides.append(f"seq_len={args.seq_len}")
     tcfg = load_train_config(args.config, overrides)
+    if not _given(args.config, overrides, "seq_len"):
+        tcfg = dataclasses.replace(tcfg, seq_len=min(args.seq_len, tcfg.model.max_position_embeddings))
     rep = aot.compile_report(tcfg, topo)
     print(rep.text())
     return 0 if rep.fits else EXIT_DOES_NOT_FIT

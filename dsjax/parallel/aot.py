@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 
@@ -97,6 +98,8 @@ def parse_topology(s: str) -> Topology:
 
 
 def topology_devices(topo: Topology):
+    # Compiling needs no TPU: let several processes on this host load libtpu (no device lockfile).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
 

@@ -1,0 +1,71 @@
+"""`dsjax compile`: topology names, the analytic FLOP count, and AOT compilation for a small TPU
+topology (needs libtpu: pip install 'jax[tpu]==<jax version>'). Reference for FLOPs: hand-counted below."""
+import pytest
+
+from dsjax.cli import main
+from dsjax.config import ConfigError, load_config
+from dsjax.parallel import aot
+
+
+@pytest.mark.parametrize("name, want, chips", [
+    ("v5p-8", "v5p:2x2x1", 4), ("v5p-512", "v5p:4x8x8", 256), ("v5p-1024", "v5p:8x8x8", 512),
+    ("v6e-8", "v6e:2x4", 8), ("v6e-256", "v6e:16x16", 256), ("v5p:8x8x4", "v5p:8x8x4", 256),
+])
+def test_parse_topology(name, want, chips):
+    t = aot.parse_topology(name)
+    assert (t.name, t.chips) == (want, chips)
+
+
+@pytest.mark.parametrize("bad", ["v5p-7", "v4-8", "v6e:2x2x2", "v5p-24"])
+def test_parse_topology_errors(bad):
+    with pytest.raises(ConfigError, match="topology"):
+        aot.parse_topology(bad)
+
+
+def test_step_flops_by_hand():
+    cfg = load_config("configs/tiny.yaml").replace(num_nextn_predict_layers=0)
+    f = aot.step_flops(cfg, batch=2, seq=8)
+    d, v, h = 64, 512, 4
+    attn = d * 32 + 32 + 32 * h * 24 + d * (32 + 8) + 32 + 32 * h * 32 + h * 16 * d
+    dense, shared, routed = 3 * d * 128, 3 * d * 32, 4 * 3 * d * 32
+    gate = d * 16 + 16
+    norms = 2 * d
+    active = 3 * (attn + norms) + (dense) + 2 * (shared + routed + gate) + d + d * v  # + final norm + head
+    assert f["active_params"] == active
+    assert f["matmul"] == 6 * active * 16
+    assert f["attention"] == 6 * 3 * h * (24 + 16) * 8 / 2 * 16
+
+
+def _tpu_available():
+    try:
+        aot.topology_devices(aot.parse_topology("v5p:2x2x1"))
+        return True
+    except ConfigError:
+        return False
+
+
+needs_tpu_compiler = pytest.mark.skipif(not _tpu_available(), reason="libtpu is not importable (pip install 'jax[tpu]')")
+
+
+@needs_tpu_compiler
+def test_compile_tiny_fits(capsys):
+    rc = main(["compile", "--config", "configs/tiny.yaml", "--topology", "v5p:2x2x1", "mesh.fsdp=2",
+               "mesh.expert=2", "--seq-len", "32"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "FITS" in out and "per-chip total" in out and "FLOPs per step" in out
+
+
+@needs_tpu_compiler
+def test_compile_oversized_exits_3(capsys):
+    # 671B on 4 chips: the parameters and AdamW state alone are ~2 TB per chip
+    rc = main(["compile", "--config", "configs/deepseek_v3_671b.yaml", "--topology", "v5p-8"])
+    out = capsys.readouterr().out
+    assert rc == 3, out
+    assert "DOES NOT FIT" in out
+
+
+def test_compile_bad_mesh_is_a_user_error(capsys):
+    rc = main(["compile", "--config", "configs/tiny.yaml", "--topology", "v5p:2x2x1", "mesh.fsdp=3"])
+    assert rc == 2
+    assert "mesh.fsdp" in capsys.readouterr().err
