@@ -1,0 +1,51 @@
+"""The R1-Zero curves of a GRPO run (reward, accuracy, format, response length, KL, clip fraction vs
+step) from its metrics.jsonl, as one PNG. Needs matplotlib (imported here only)."""
+from __future__ import annotations
+
+import json
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_grpo(metrics_path: str, out_png: str) -> str:
+    """Write the curves to out_png and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    for key, label in (("reward", "mean reward"), ("accuracy", "train accuracy (sampled)"),
+                       ("format", "format rate"), ("eval_accuracy", "held-out accuracy (greedy)")):
+        x, y = series(key)
+        if x:
+            ax.plot(x, y, "o-" if key == "eval_accuracy" else "-", label=label)
+    ax.set_xlabel("GRPO step")
+    ax.set_title("reward and accuracy")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    x, y = series("response_length")
+    ax.plot(x, y, color="tab:purple")
+    ax.set_xlabel("GRPO step")
+    ax.set_title("mean response length (tokens)")
+    ax = axes[2]
+    for key in ("kl", "clip_frac"):
+        x, y = series(key)
+        ax.plot(x, y, label=key)
+    ax.set_xlabel("GRPO step")
+    ax.set_title("KL to reference and clip fraction")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
