@@ -167,6 +167,11 @@ class Report:
     xla_seconds: float | None = None
     compile_seconds: float = 0.0
     compiled: bool = False
+    oom: str | None = None  # XLA's out-of-memory message when compilation itself refused
+
+    @property
+    def fits(self) -> bool:
+        return self.oom is None and self.total_bytes <= self.hbm
 
     @property
     def total_bytes(self) -> float:
@@ -177,10 +182,6 @@ class Report:
     @property
     def hbm(self) -> float:
         return self.topology.chip.hbm_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.total_bytes <= self.hbm
 
     def text(self) -> str:
         t, chip = self.topology, self.topology.chip
@@ -201,6 +202,10 @@ class Report:
                 f"({100 * self.total_bytes / chip.hbm_bytes:.0f}%) -> {'FITS' if self.fits else 'DOES NOT FIT'}",
                 f"compile time: {self.compile_seconds:.0f} s",
             ]
+        elif self.oom is not None:
+            lines += [f"per-chip train state: {self.state_bytes / GiB:.2f} GiB of {chip.hbm_bytes / GiB:.2f} GiB",
+                      f"XLA refused to compile (after {self.compile_seconds:.0f} s): {self.oom}",
+                      "-> DOES NOT FIT"]
         else:
             lines += [f"per-chip train state alone: {self.state_bytes / GiB:.2f} GiB of {chip.hbm_bytes / GiB:.2f} GiB "
                       f"-> DOES NOT FIT (not compiled)"]
@@ -249,7 +254,16 @@ def compile_report(tcfg, topology: str | Topology, *, devices=None) -> Report:
     jitted = jax.jit(step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, None), donate_argnums=0)
     t0 = time.time()
     with jax.set_mesh(mesh):
-        compiled = jitted.lower(state, batch).compile()
+        lowered = jitted.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            msg = str(e)
+            if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+                raise
+            rep.compile_seconds = time.time() - t0
+            rep.oom = msg.strip().splitlines()[0][:400]
+            return rep
     rep.compile_seconds = time.time() - t0
     rep.compiled = True
     ma = compiled.memory_analysis()
