@@ -60,6 +60,15 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"train config field '{field}': {msg}")
 
+        if self.data is None:
+            from dsjax.train.data import DataConfig
+
+            object.__setattr__(self, "data", DataConfig())
+        if self.mesh is None:
+            from dsjax.parallel.mesh import MeshConfig
+
+            object.__setattr__(self, "mesh", MeshConfig())
+
         for f in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, f"must be a positive integer, got {getattr(self, f)!r}")
@@ -94,18 +103,10 @@ def _data_config(d: Mapping[str, Any] | None):
     return DataConfig(**d)
 
 
-_MESH_AXES = ("dcn", "data", "fsdp", "expert", "tensor")
-
-
 def _mesh_config(d: Mapping[str, Any] | None):
+    from dsjax.parallel.mesh import MeshConfig
+
     d = dict(d or {})
-    try:
-        from dsjax.parallel.mesh import MeshConfig
-    except ModuleNotFoundError:  # single-device builds without the parallel package
-        bad = sorted(set(d) - set(_MESH_AXES))
-        if bad:
-            raise ConfigError(f"unknown mesh config field(s) {['mesh.' + b for b in bad]}") from None
-        return dict(d)
     names = {f.name for f in dataclasses.fields(MeshConfig)}
     bad = sorted(set(d) - names)
     if bad:

@@ -44,13 +44,21 @@ def _check_run_config(workdir: str, tcfg: TrainConfig) -> None:
 
 
 def _mesh_setup(tcfg: TrainConfig):
-    """(mesh or None, state placement fn, batch placement fn). One device: no mesh."""
-    if len(jax.devices()) == 1:
+    """(mesh or None, state placement fn, batch placement fn). One device (or a mesh whose sizes all
+    multiply to 1, e.g. mesh.fsdp=1): no mesh, everything on the first device."""
+    sizes = [getattr(tcfg.mesh, a) for a in ("dcn", "data", "fsdp", "expert", "tensor")]
+    if len(jax.devices()) == 1 or (-1 not in sizes and int(np.prod(sizes)) == 1):
         return None, (lambda s: s), (lambda b: jax.tree.map(jnp.asarray, b))
     from dsjax.parallel import mesh as pm
 
     mesh = pm.make_mesh(tcfg.mesh)
-    bsh = pm.batch_sharding(mesh)
+    bsh = pm.batch_sharding(mesh, tcfg.batch_size // tcfg.grad_accum)
+    split = int(np.prod([mesh.shape[a] for a in pm.batch_axes(mesh, tcfg.batch_size // tcfg.grad_accum)]))
+    want = int(np.prod([mesh.shape[a] for a in pm.batch_axes(mesh)]))
+    if split < want:
+        warnings.warn(f"batch_size {tcfg.batch_size} (per micro-batch {tcfg.batch_size // tcfg.grad_accum}) does not "
+                      f"divide over the {want} data-parallel shards of mesh {dict(mesh.shape)}; the batch is split "
+                      f"{split} ways and replicated otherwise")
 
     def place_state(state):
         return jax.device_put(state, pm.state_shardings(mesh, tcfg.model, abstract_of(state)))
@@ -74,8 +82,11 @@ def _eval(eval_fn, params, tcfg, place_batch) -> float:
     return tot / max(n, 1.0)
 
 
-def train(tcfg: TrainConfig, workdir: str) -> list[dict]:
-    """Train (or resume) in `workdir`. Returns the logged metric rows of this invocation."""
+def train(tcfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> list[dict]:
+    """Train (or resume) in `workdir`. Returns the logged metric rows of this invocation.
+
+    stop_after: checkpoint and return after this step (a planned interruption, e.g. before a
+    preemption); running again resumes exactly where it stopped."""
     from dsjax.train.data import make_dataset
 
     os.makedirs(workdir, exist_ok=True)
@@ -85,7 +96,7 @@ def train(tcfg: TrainConfig, workdir: str) -> list[dict]:
     mesh, place_state, place_batch = _mesh_setup(tcfg)
     ctx = jax.sharding.use_mesh(mesh) if mesh is not None and hasattr(jax.sharding, "use_mesh") else _null()
     with ctx:
-        return _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset)
+        return _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset, stop_after)
 
 
 class _null:
@@ -96,7 +107,7 @@ class _null:
         return False
 
 
-def _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset):
+def _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset, stop_after=None):
     state = place_state(init_state(init_params(mcfg, tcfg.seed), tcfg))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints,
                         async_save=tcfg.async_checkpointing)
@@ -144,8 +155,10 @@ def _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset):
                     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.1%}")
             if bar is not None:
                 bar.update(1)
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or step == stop_after:
                 ckpt.save(step, state, data.get_state())
+            if step == stop_after:
+                break
     except KeyboardInterrupt:
         if step > start and int(state.step) == step:
             ckpt.save(step, state, data.get_state())  # nothing lost on Ctrl-C
