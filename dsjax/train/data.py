@@ -31,14 +31,11 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
+from dsjax.errors import DataError  # noqa: F401 (re-exported: dsjax.train.data.DataError)
 from dsjax.train.tokenizer import load_tokenizer
 
 SOURCES = ("embedded", "text", "jsonl", "arrayrecord", "tfds")
 _SPLIT_SEED = 0x5EED  # the train/eval partition must not depend on the training seed
-
-
-class DataError(ValueError):
-    """Bad data config or unreadable data. The message names the field or the file (and line)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,10 @@ import os
 import re
 from typing import Iterable, Protocol
 
+from dsjax.errors import DataError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(DataError):
     """A tokenizer file is missing or unusable. The message names the file."""
 
 
