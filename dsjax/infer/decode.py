@@ -28,13 +28,20 @@ from dsjax.model.transformer import embed, head
 
 
 def moe_config(cfg: ModelConfig, n_tokens: int, moe_impl: str = "auto") -> ModelConfig:
-    """The expert path for a pass over n_tokens. "auto": on CPU the blocked path pads every expert to a
-    block of moe_block_size rows, so for a handful of tokens running all experts densely is cheaper
-    (dense work E*n vs blocked n*K + E*block); elsewhere and for long passes keep cfg.moe_impl."""
+    """The expert path for a pass over n_tokens. "auto", on CPU: when the n_tokens*top_k assignments are
+    fewer than the experts, the blocked path with 1-row blocks ("gather") reads only the chosen experts'
+    weights; for a few more tokens, all experts densely (dense work E*n beats the blocked path's padding of
+    every expert to moe_block_size rows, n*K + E*block); otherwise, and off CPU, cfg.moe_impl."""
     if moe_impl == "auto":
         e, k, bs = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_block_size
-        small = n_tokens * max(e - k, 1) < e * bs
-        moe_impl = "dense" if small and jax.default_backend() == "cpu" else cfg.moe_impl
+        moe_impl = cfg.moe_impl
+        if jax.default_backend() == "cpu":
+            if n_tokens * k < e:
+                moe_impl = "gather"
+            elif n_tokens * max(e - k, 1) < e * bs:
+                moe_impl = "dense"
+    if moe_impl == "gather":
+        return cfg.replace(moe_impl="blocked", moe_block_size=1)
     return cfg if moe_impl == cfg.moe_impl else cfg.replace(moe_impl=moe_impl)
 
 

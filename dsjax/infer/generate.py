@@ -24,7 +24,7 @@ from dsjax.infer.prefix_cache import PrefixCache
 from dsjax.infer.sampling import Sampler
 from dsjax.infer.steps import MAX_STOP, DecodeOptions, init_state, run_loop, step_fn, stop_array
 
-MOE_IMPLS = ("auto", "blocked", "ragged_dot", "dense", "pallas")
+MOE_IMPLS = ("auto", "gather", "blocked", "ragged_dot", "dense", "pallas")
 
 
 def prepare_prompts(tokens, prompt_lengths, cfg: ModelConfig, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -37,7 +37,7 @@ class DecodeOptions:
     # sampling (greedy, temperature, top-k, top-p) and the stop tokens are traced (in the state), not static
     pad_id: int = 0
     speculative: bool = False
-    moe_impl: str = "auto"  # expert path in decode passes: auto | blocked | ragged_dot | dense | pallas
+    moe_impl: str = "auto"  # expert path in cached passes: auto | gather | blocked | ragged_dot | dense | pallas
     decode_impl: str = "jnp"  # single-token attention: jnp | a pallas_kernels.mla.mla_decode impl
 
 

@@ -51,3 +51,15 @@ def test_v2_parity(tmp_path, case):
     diff = float(np.abs(model.logits(tokens) - hf_logits(hf, tokens)).max())
     print(f"v2 {case}: max |logit diff| = {diff:.3g}")
     assert diff <= TOL, diff
+
+
+def test_v3_parity_through_the_pallas_kernels_in_interpret_mode(tmp_path):
+    """The same HF comparison with MLA attention and the MoE grouped matmul running as Pallas kernels
+    (the TPU kernels, in interpret mode on CPU)."""
+    hf = build_v3(tmp_path, seed=11, rope_scaling=YARN, num_hidden_layers=2)
+    model = dsjax.from_pretrained(tmp_path, overrides=["attention_impl=pallas", "moe_impl=pallas",
+                                                       "kernel_interpret=true"])
+    tokens = _tokens(model.config.vocab_size, batch=1, seq=24)
+    diff = float(np.abs(model.logits(tokens) - hf_logits(hf, tokens)).max())
+    print(f"pallas interpret: max |logit diff| = {diff:.3g}")
+    assert diff <= TOL, diff
