@@ -70,18 +70,48 @@ def init(cfg: ModelConfig | str, seed: int = 0) -> Model:
 
 
 def from_pretrained(path: str, *, param_dtype: str | None = None, overrides=()) -> Model:
-    """Load an HF-layout (or official FP8) safetensors checkpoint directory, or a dsjax native checkpoint."""
+    """Load an HF-layout (or official FP8) safetensors checkpoint directory, a dsjax native checkpoint, or
+    a workdir: a `dsjax train` workdir gives its latest restorable checkpoint's params, a post-training
+    workdir (`dsjax sft/grpo/distill`) its final model (WORKDIR/final)."""
+    from dsjax.checkpoint import native
     from dsjax.checkpoint.hf_io import load_hf
 
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
-    from dsjax.checkpoint import native
-
+    if native.is_native(os.path.join(path, "final")):
+        path = os.path.join(path, "final")
     if native.is_native(path):
         params, cfg = native.load(path)
+    elif is_train_workdir(path):
+        params, cfg = _load_train_workdir(path)
     else:
         params, cfg = load_hf(path, param_dtype=param_dtype)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     return Model(jax.tree.map(jnp.asarray, params), cfg)
+
+
+def is_train_workdir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(os.path.join(path, "run_config.yaml"))
+
+
+def _load_train_workdir(path: str, step: int | None = None):
+    """(params, model config) of a `dsjax train` workdir's checkpoint `step` (default: the latest
+    restorable one)."""
+    from dsjax.train.checkpointing import Checkpointer, abstract_of
+    from dsjax.train.config import load_train_config
+    from dsjax.train.step import init_state
+
+    tcfg = load_train_config(os.path.join(path, "run_config.yaml"))
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"), keep=10 ** 6, async_save=False)
+    try:
+        if not ckpt.steps():
+            raise FileNotFoundError(f"{path}/checkpoints: no checkpoint")
+        abstract = jax.eval_shape(lambda: init_state(init_params(tcfg.model, 0), tcfg))
+        restored = ckpt.restore(abstract_of(abstract), step=step)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{path}/checkpoints: no restorable checkpoint")
+    return restored[1].params, tcfg.model
