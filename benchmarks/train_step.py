@@ -2,7 +2,8 @@
 Hugging Face transformers training the same DeepseekV3 architecture on torch CPU, in the same run.
 
     JAX_PLATFORMS=cpu python benchmarks/train_step.py                  # cpu_bench (SPEC's CPU peer), 8 x 512
-    python benchmarks/train_step.py --config tiny --batch 8 --seq 128 --no-hf
+    python benchmarks/train_step.py --config tiny --batch 8 --seq 128
+    python benchmarks/train_step.py --config small_moe --batch 2 --seq 256 --steps 2
     python benchmarks/train_step.py --moe-impls blocked,dense,ragged_dot   # compare expert paths
 
 Prints per implementation: seconds per step (best of --steps after a compiled warm-up), tokens/s, the
@@ -80,7 +81,7 @@ def bench_hf(cfg, batch, seq, steps, threads):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="cpu_bench")
+    ap.add_argument("--config", default="cpu_bench", help="config name(s), comma-separated")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up/compile step)")
@@ -90,12 +91,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the HF baseline")
     a = ap.parse_args(argv)
 
-    cfg = load_config(a.config)
+    peak = device_peak(TrainConfig())
+    print(f"peak {peak / 1e9:.0f} GFLOP/s ({jax.devices()[0].device_kind}, measured float32 matmul on CPU), "
+          f"jax {jax.__version__}")
+    for name in a.config.split(","):
+        run_config(name, a, peak)
+    return 0
+
+
+def run_config(name, a, peak):
+    cfg = load_config(name)
     tokens = a.batch * a.seq
     fpt = train_flops_per_token(cfg.replace(num_nextn_predict_layers=0), a.seq, with_mtp=False)
-    peak = device_peak(TrainConfig(model=cfg))
-    print(f"{a.config}: batch {a.batch} x {a.seq} = {tokens} tokens/step, {fpt / 1e6:.1f} MFLOP/token, "
-          f"peak {peak / 1e9:.0f} GFLOP/s ({jax.devices()[0].device_kind}), jax {jax.__version__}")
+    print(f"{name}: batch {a.batch} x {a.seq} = {tokens} tokens/step, {fpt / 1e6:.1f} MFLOP/token")
     rows = []
     for impl in a.moe_impls.split(","):
         sec, comp, losses = bench_dsjax(cfg, a.batch, a.seq, a.steps, impl)
@@ -110,7 +118,7 @@ def main(argv=None) -> int:
         print(f"  HF transformers {transformers.__version__} torch {torch.__version__} ({attn}, {a.threads} threads)"
               f" {sec:7.3f} s/step  {tokens / sec:9,.0f} tok/s  MFU {fpt * tokens / sec / peak:6.1%}"
               f"  (loss {losses[0]:.3f} -> {losses[-1]:.3f})")
-        print(f"dsjax ({rows[0][0]}) / HF transformers tokens/s ratio: {sec / rows[0][1]:.2f}x")
+        print(f"{name}: dsjax ({rows[0][0]}) / HF transformers tokens/s ratio: {sec / rows[0][1]:.2f}x", flush=True)
     return 0
 
 
