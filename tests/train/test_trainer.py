@@ -44,6 +44,7 @@ def test_loss_falls_and_resume_is_exact(tmp_path):
     assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]  # bit-identical on CPU
 
 
+@pytest.mark.slow  # three training runs; CI's determinism check is the bit-identical resume above
 def test_same_seed_same_losses_and_seed_matters(tmp_path):
     cfg = _cfg("steps=3", "checkpoint_every=100")
     l1 = [r["loss"] for r in train(cfg, str(tmp_path / "a"))]
