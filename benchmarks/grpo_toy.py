@@ -93,8 +93,9 @@ def main(argv=None) -> int:
     t_grpo = time.perf_counter() - t0
     before = next(r for r in rows if r["step"] == 0)
     after = rows[-1]
-    steps = [r for r in rows if r["step"] > 0]
-    tps = sum(r["rollout_tokens_per_sec"] for r in steps) / max(len(steps), 1)
+    # Rollout throughput over the steps after the first (whose sampling time includes compiling generate).
+    steps = [r for r in rows if r["step"] > 1 and "rollout_tokens" in r] or [r for r in rows if r["step"] > 0]
+    tps = sum(r["rollout_tokens"] for r in steps) / max(sum(r["rollout_seconds"] for r in steps), 1e-9)
     print(json.dumps({"sft_seconds": round(t_sft, 1), "grpo_seconds": round(t_grpo, 1),
                       "wall_seconds": round(time.perf_counter() - t_start, 1),
                       "rollout_tokens_per_sec": round(tps, 1),

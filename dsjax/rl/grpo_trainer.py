@@ -85,6 +85,8 @@ class GRPOConfig:
     def __post_init__(self):
         _check_positive(self, ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "log_every",
                                "checkpoint_every", "keep_checkpoints", "difficulty"))
+        if self.max_value < 10:
+            raise ConfigError(f"GRPOConfig field 'max_value': must be >= 10, got {self.max_value}")
         if self.group_size < 2:
             raise ConfigError("GRPOConfig field 'group_size': needs >= 2 completions per prompt to compare")
         if self.aggregation not in ("sequence", "token"):
@@ -215,16 +217,16 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, model=None, ref_model=None, pr
 
     os.makedirs(workdir, exist_ok=True)
     tok = tokenizer or load_tokenizer(gcfg.tokenizer)
+    kw = dict(seed=gcfg.seed, difficulty=gcfg.difficulty, max_value=gcfg.max_value)
+    if problems is None:  # the data first: a bad path fails before any model is built
+        problems = load_problems(gcfg.task, "train", gcfg.num_train_problems, **kw)
+    if eval_problems is None and (gcfg.eval_task or gcfg.task == "toy"):
+        eval_problems = load_problems(gcfg.eval_task or "toy", "test", gcfg.num_eval_problems, **kw)
     policy = model if model is not None else load_policy(gcfg.init, gcfg.model, gcfg.seed)
     cfg = policy.config
     ref = ref_model if ref_model is not None else (load_policy(gcfg.ref, cfg, gcfg.seed) if gcfg.ref else policy)
     # Frozen. A copy, because the update donates (reuses) the policy's buffers, which the reference may share.
     ref_params = jax.tree.map(jnp.copy, ref.params)
-    kw = dict(seed=gcfg.seed, difficulty=gcfg.difficulty, max_value=gcfg.max_value)
-    if problems is None:
-        problems = load_problems(gcfg.task, "train", gcfg.num_train_problems, **kw)
-    if eval_problems is None and (gcfg.eval_task or gcfg.task == "toy"):
-        eval_problems = load_problems(gcfg.eval_task or "toy", "test", gcfg.num_eval_problems, **kw)
     with open(os.path.join(workdir, "run_config.yaml"), "w") as f:
         f.write(config_to_yaml(dataclasses.replace(gcfg, model=cfg)))
 
@@ -297,6 +299,7 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, model=None, ref_model=None, pr
                    "loss": inner[0]["loss"], "loss_last_inner": inner[-1]["loss"],
                    "grad_norm": inner[0]["grad_norm"],
                    "zero_std_groups": float((rewards.reshape(gcfg.prompts_per_step, -1).std(-1) == 0).mean()),
+                   "rollout_tokens": n_new, "rollout_seconds": t_sample,
                    "rollout_tokens_per_sec": n_new / max(t_sample, 1e-9), "step_time": dt}
             if gcfg.eval_every and step % gcfg.eval_every == 0 and step != gcfg.steps:
                 run_eval(step, row)

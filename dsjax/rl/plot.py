@@ -1,8 +1,10 @@
 """The R1-Zero curves of a GRPO run (reward, accuracy, format, response length, KL, clip fraction vs
-step) from its metrics.jsonl, as one PNG. Needs matplotlib (imported here only)."""
+step) from its metrics.jsonl, as one PNG. Needs matplotlib (imported here only); without it no PNG is
+written (a warning says so) and the curves stay in metrics.jsonl."""
 from __future__ import annotations
 
 import json
+import warnings
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -10,9 +12,14 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_grpo(metrics_path: str, out_png: str) -> str:
-    """Write the curves to out_png and return its path."""
-    import matplotlib
+def plot_grpo(metrics_path: str, out_png: str) -> str | None:
+    """Write the curves to out_png and return its path (None, with a warning, if matplotlib is missing)."""
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn(f"matplotlib is not installed: {out_png} not written (pip install matplotlib); "
+                      f"the curves are in {metrics_path}")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -49,7 +49,7 @@ def _optim_fields():
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    data: str | None = None  # chat JSONL file (the CLI requires it; Python callers may pass examples)
+    data: str | None = None  # chat JSONL file, or "toy": toy-task solutions generated in code (offline)
     tokenizer: str | None = None  # None/"bytes" = byte tokenizer, else a tokenizer.json (or its dir)
     init: str = "random"  # "random", an HF/native checkpoint dir, or a dsjax train/sft/grpo workdir
     steps: int = 200
@@ -73,12 +73,19 @@ class SFTConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     progress: bool = True
+    # data=toy only: how many dsjax.rl.toy_task problems (train split), with how many operations, values <= max_value
+    num_toy_examples: int = 2000
+    difficulty: int = 2
+    max_value: int = 99
     model: ModelConfig = dataclasses.field(default_factory=lambda: load_config("tiny"))
 
     def __post_init__(self):
-        _check_positive(self, ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints"))
+        _check_positive(self, ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints",
+                               "num_toy_examples", "difficulty"))
         if self.moment_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"sft config field 'moment_dtype': must be float32 or bfloat16, got {self.moment_dtype!r}")
+        if self.max_value < 10:
+            raise ConfigError(f"sft config field 'max_value' (data=toy): must be >= 10, got {self.max_value}")
         if self.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"sft config field 'seq_len': {self.seq_len} exceeds model.max_position_embeddings "
                               f"{self.model.max_position_embeddings}")
@@ -132,12 +139,16 @@ def load_rl_config(cls, path: str | None, overrides: Sequence[str] = (), *, raw:
     return _build(cls, d, list(overrides), base_dir, path or cls.__name__, apply_overrides, _model_config)
 
 
-def _build(cls, d, overrides, base_dir, where, apply_overrides, model_config):
+def _build(cls, d, overrides, base_dir, where, apply_overrides, model_config, inherited_model=None):
+    """cls(**d) after the overrides. A nested section (e.g. distill's `sft:`) takes the parent's `model`
+    (the model being trained is always the top-level `model:` section), so setting it inside is an error."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     sections = {n for n, f in fields.items() if n != "model" and f.default_factory is not dataclasses.MISSING
                 and dataclasses.is_dataclass(f.default_factory())}
     d = dict(d)
     model_raw = d.pop("model", None)
+    if inherited_model is not None and (model_raw is not None or any(o.startswith("model.") for o in overrides)):
+        raise ConfigError(f"{where}: set the model in the top-level 'model:' section (model.key=value), not here")
     model_over, sec_raw = [], {s: dict(d.pop(s, None) or {}) for s in sections}
     sec_over: dict[str, list[str]] = {s: [] for s in sections}
     for o in overrides:
@@ -150,21 +161,24 @@ def _build(cls, d, overrides, base_dir, where, apply_overrides, model_config):
         elif k in fields and k != "model" and k not in sections:
             d[k] = v
         else:
-            raise ConfigError(f"unknown config key '{k}' ({cls.__name__} fields: "
+            raise ConfigError(f"{where}: unknown config key '{k}' ({cls.__name__} fields: "
                               f"{', '.join(sorted(set(fields) - {'model'} - sections))}; or model.*"
                               + "".join(f", {s}.*" for s in sorted(sections)) + ")")
     bad = sorted(set(d) - set(fields))
     if bad:
         raise ConfigError(f"{where}: unknown config key(s) {bad}")
     kw = {k: _coerce(cls, k, v) for k, v in d.items()}
-    if "model" in fields:
+    model = inherited_model
+    if "model" in fields and model is None:
         model = model_config(model_raw, base_dir)
         if model_over:
             model = apply_overrides(model, model_over)
+    if "model" in fields:
         kw["model"] = model
     for s in sections:
         sub_cls = type(fields[s].default_factory())
-        kw[s] = _build(sub_cls, sec_raw[s], sec_over[s], base_dir, f"{where}: {s}", apply_overrides, model_config)
+        kw[s] = _build(sub_cls, sec_raw[s], sec_over[s], base_dir, f"{where}: {s}", apply_overrides, model_config,
+                       model)
     try:
         return cls(**kw)
     except TypeError as e:
@@ -435,8 +449,13 @@ def sft(scfg: SFTConfig, workdir: str, *, examples: Sequence[Sequence[Mapping[st
     tok = tokenizer or load_tokenizer(scfg.tokenizer)
     if examples is None:
         if not scfg.data:
-            raise ConfigError("sft: set data=PATH to a chat JSONL file")
-        examples = load_chat_jsonl(scfg.data)
+            raise ConfigError("sft: set data=PATH to a chat JSONL file (or data=toy)")
+        if scfg.data == "toy":
+            from dsjax.rl.toy_task import toy_chat_examples
+
+            examples = toy_chat_examples(scfg.num_toy_examples, scfg.seed, scfg.difficulty, max_value=scfg.max_value)
+        else:
+            examples = load_chat_jsonl(scfg.data)
     if model is None:
         model = load_policy(scfg.init, scfg.model, scfg.seed)
     cfg = model.config

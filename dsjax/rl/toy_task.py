@@ -122,3 +122,10 @@ def reference_completion(problem: dict) -> str:
         steps.append(f"{value} {_SYMBOL[op]} {k} = {new}.")
         value = new
     return f"<think>{' '.join(steps)}</think>\n<answer>{value}</answer>"
+
+
+def toy_chat_examples(n: int, seed: int, difficulty: int = 2, *, max_value: int = 99) -> list[list[dict]]:
+    """n chat conversations of the train split, each the question and its reference solution: offline SFT
+    warm-up data in the {"messages"} form of a chat JSONL line (`dsjax sft data=toy`)."""
+    return [[{"role": "user", "content": p["question"]}, {"role": "assistant", "content": reference_completion(p)}]
+            for p in make_problems(n, seed, difficulty, max_value=max_value)]
