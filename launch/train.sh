@@ -13,7 +13,7 @@ latest.log and latest.pid point at the newest run (see logs.sh, stop.sh).
 Trailing key=value arguments are config overrides, passed through verbatim."
 USAGE_TAIL="examples:
   launch/train.sh --name ds-v5p --zone us-east5-a --project my-proj \\
-      --config configs/deepseek_v3.yaml --workdir gs://my-bucket/runs/v3 train.steps=1000
+      --config configs/deepseek_v3_671b.yaml --workdir gs://my-bucket/runs/v3 steps=1000
   launch/train.sh ... --env LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true --dry-run"
 
 add_target_flags

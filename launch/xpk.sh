@@ -15,7 +15,7 @@ runs pip install -e '.[tpu]' before training.
 Trailing key=value arguments are config overrides, passed through verbatim."
 USAGE_TAIL="example:
   launch/xpk.sh --cluster ds-v5p --zone us-east5-a --project my-proj --tpu-type v5p-512 --num-slices 2 \\
-      --workload ds-v3-pretrain --config configs/deepseek_v3.yaml --workdir gs://my-bucket/runs/v3 --dry-run"
+      --workload ds-v3-pretrain --config configs/deepseek_v3_671b.yaml --workdir gs://my-bucket/runs/v3 --dry-run"
 
 flag_value --cluster CLUSTER DSJAX_XPK_CLUSTER "" "GKE cluster made by xpk cluster create (required)"
 flag_value --workload WORKLOAD DSJAX_XPK_WORKLOAD "" "workload name (default: dsjax-YYYYmmdd-HHMMSS)"

@@ -139,16 +139,16 @@ def test_setup_multislice_scp_reaches_all_nodes():
 
 # --- train -------------------------------------------------------------------
 
-TRAIN_ARGS = [*TARGET, "--config", "configs/deepseek_v3.yaml", "--workdir", "gs://bkt/runs/v3",
+TRAIN_ARGS = [*TARGET, "--config", "configs/deepseek_v3_671b.yaml", "--workdir", "gs://bkt/runs/v3",
               "--run-name", "r1"]
 
 
 def test_train_runs_dsjax_on_all_workers_with_overrides():
-    (ssh,) = dry("train.sh", *TRAIN_ARGS, "train.steps=1000", "mesh.expert=8")
+    (ssh,) = dry("train.sh", *TRAIN_ARGS, "steps=1000", "mesh.expert=8")
     assert ssh.startswith(f"gcloud compute tpus tpu-vm ssh ds-v5p {WHERE} --worker=all --command=")
     assert remote_command(ssh) == (
         "mkdir -p $HOME/dsjax-logs && cd $HOME/dsjax && nohup $HOME/dsjax-venv/bin/dsjax train"
-        " --config configs/deepseek_v3.yaml --workdir gs://bkt/runs/v3 train.steps=1000 mesh.expert=8"
+        " --config configs/deepseek_v3_671b.yaml --workdir gs://bkt/runs/v3 steps=1000 mesh.expert=8"
         " > $HOME/dsjax-logs/r1.log 2>&1 < /dev/null & echo $! > $HOME/dsjax-logs/r1.pid"
         " && ln -sfn r1.log $HOME/dsjax-logs/latest.log && ln -sfn r1.pid $HOME/dsjax-logs/latest.pid")
 
@@ -166,7 +166,7 @@ def test_train_multislice_env_and_quoted_override_survive_two_shells():
     # The worker's shell splits the dsjax command into exactly these arguments.
     dsjax_line = remote.split(" && nohup ", 1)[1].split(" > ", 1)[0]
     assert shlex.split(dsjax_line) == [
-        "$HOME/dsjax-venv/bin/dsjax", "train", "--config", "configs/deepseek_v3.yaml",
+        "$HOME/dsjax-venv/bin/dsjax", "train", "--config", "configs/deepseek_v3_671b.yaml",
         "--workdir", "gs://bkt/runs/v3", "data.name=it's here"]
 
 
@@ -212,15 +212,15 @@ def test_delete_queued_resource_forces_its_nodes():
 # --- xpk ---------------------------------------------------------------------
 
 XPK = ["--cluster", "ds-cluster", "--zone", "us-east5-a", "--project", "my-proj",
-       "--workload", "ds-v3", "--config", "configs/deepseek_v3.yaml", "--workdir", "gs://bkt/runs/v3"]
+       "--workload", "ds-v3", "--config", "configs/deepseek_v3_671b.yaml", "--workdir", "gs://bkt/runs/v3"]
 
 
 def test_xpk_builds_from_checkout_multislice():
-    assert dry("xpk.sh", *XPK, "--tpu-type", "v5p-512", "--num-slices", "2", "train.steps=10") == [
+    assert dry("xpk.sh", *XPK, "--tpu-type", "v5p-512", "--num-slices", "2", "steps=10") == [
         f"xpk workload create --cluster=ds-cluster --workload=ds-v3 {WHERE} --tpu-type=v5p-512"
         f" --num-slices=2 --base-docker-image=python:3.11 --script-dir={ROOT} --max-restarts=0"
         " --command='pip install --quiet -e \".[tpu]\" && dsjax train"
-        " --config configs/deepseek_v3.yaml --workdir gs://bkt/runs/v3 train.steps=10'"]
+        " --config configs/deepseek_v3_671b.yaml --workdir gs://bkt/runs/v3 steps=10'"]
 
 
 def test_xpk_prebuilt_image():
@@ -228,7 +228,7 @@ def test_xpk_prebuilt_image():
                "--tpu-type", "v6e-256", "--max-restarts", "3") == [
         f"xpk workload create --cluster=ds-cluster --workload=ds-v3 {WHERE} --tpu-type=v6e-256"
         " --num-slices=1 --docker-image=us-docker.pkg.dev/p/r/dsjax:1 --max-restarts=3"
-        " --command='dsjax train --config configs/deepseek_v3.yaml --workdir gs://bkt/runs/v3'"]
+        " --command='dsjax train --config configs/deepseek_v3_671b.yaml --workdir gs://bkt/runs/v3'"]
 
 
 # --- errors and help -----------------------------------------------------------
