@@ -8,7 +8,7 @@ The SFT model therefore mostly answers lazily under greedy decoding, while sampl
 still finds the full solution in part of a group: exactly the headroom the accuracy reward turns into a
 policy change (and, as in R1-Zero, response length grows).
 
-    python benchmarks/grpo_toy.py                # the default run (~10 min on a 2-core CPU)
+    python benchmarks/grpo_toy.py                # the default run (~7 min on a 2-core CPU)
     python benchmarks/grpo_toy.py --grpo-steps 5 --sft-steps 20   # a smoke run
 """
 from __future__ import annotations
@@ -55,15 +55,15 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="default: a temporary directory")
     ap.add_argument("--difficulty", type=int, default=2)
     ap.add_argument("--max-value", type=int, default=30)
-    ap.add_argument("--sft-steps", type=int, default=150)
+    ap.add_argument("--sft-steps", type=int, default=600)
     ap.add_argument("--sft-batch", type=int, default=16)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--lazy", type=float, default=0.65, help="fraction of warm-up completions that stop early")
-    ap.add_argument("--grpo-steps", type=int, default=30)
-    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--grpo-steps", type=int, default=40)
+    ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--mu", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--beta", type=float, default=0.01)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--eval", type=int, default=200, help="held-out problems")
