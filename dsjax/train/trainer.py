@@ -1,6 +1,7 @@
 """The training loop: data -> jitted step -> logging, eval, checkpoints; resumes where it stopped."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -94,17 +95,10 @@ def train(tcfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> 
     mcfg = tcfg.model
     main = jax.process_index() == 0
     mesh, place_state, place_batch = _mesh_setup(tcfg)
-    ctx = jax.sharding.use_mesh(mesh) if mesh is not None and hasattr(jax.sharding, "use_mesh") else _null()
-    with ctx:
+    # The mesh must be current while tracing: the MoE layer routes tokens through expert parallelism
+    # only when it sees an "expert" axis on it.
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         return _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset, stop_after)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset, stop_after=None):
