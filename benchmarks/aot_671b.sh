@@ -3,7 +3,7 @@
 # compiler runs on this host). Each compile takes minutes and ~4 GB of host RAM. Not part of CI.
 # Usage: benchmarks/aot_671b.sh [extra key=value overrides for both runs]
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit
 export JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 TF_CPP_MIN_LOG_LEVEL=3
 noise='^(WARNING|E0000|=== Source|learning/|Failed to find host)|^$'
 run() {
