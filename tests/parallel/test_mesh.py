@@ -81,3 +81,18 @@ def test_state_shardings_follow_params():
 def test_batch_sharding():
     mesh = pm.make_mesh(pm.MeshConfig(data=2, expert=2, tensor=2, fsdp=1))
     assert pm.batch_sharding(mesh).spec == P(("data", "expert"))
+
+
+@pytest.mark.parametrize("path, topology", [("configs/pretrain_v3_671b_v5p512.yaml", "v5p-512"),
+                                            ("configs/pretrain_small_moe_v5p8.yaml", "v5p-8")])
+def test_shipped_pod_meshes_cover_their_topology(path, topology):
+    """The recommended run configs name every chip of their slice once and split the batch evenly."""
+    from dsjax.parallel.aot import parse_topology
+    from dsjax.train.config import load_train_config
+
+    tcfg = load_train_config(path)
+    sizes = [getattr(tcfg.mesh, a) for a in ("dcn", "data", "fsdp", "expert", "tensor")]
+    chips = parse_topology(topology).chips
+    assert -1 not in sizes and int(np.prod(sizes)) == chips
+    assert tcfg.batch_size % (chips // tcfg.mesh.tensor) == 0
+    assert tcfg.model.n_routed_experts % tcfg.mesh.expert == 0
