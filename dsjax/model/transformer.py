@@ -39,7 +39,7 @@ def _scan_blocks(stacked: dict, x, cos, sin, segment_ids, token_mask, cfg: Model
         out, stats = block(lp, carry, cos, sin, segment_ids, token_mask, cfg, is_moe)
         return out, stats
 
-    return jax.lax.scan(_remat(body, cfg), x, stacked)
+    return jax.lax.scan(_remat(body, cfg), x, stacked, unroll=cfg.scan_unroll)
 
 
 def head(params, h, cfg: ModelConfig):

@@ -423,3 +423,25 @@ def test_scan_keeps_program_size_flat_in_depth():
 
     two, eight = len(hlo(2)), len(hlo(8))
     assert eight <= 1.3 * two, (two, eight)
+
+
+def test_scan_unroll_changes_nothing_but_speed():
+    """scan_unroll=L (the stack unrolled) gives the scanned model's logits and gradients."""
+    from dsjax.config import apply_overrides
+    from dsjax.model.params import init_params
+
+    cfg = load_config("tiny")
+    params = init_params(cfg, 0)
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 16), 0, cfg.vocab_size)
+
+    def loss(p, c):
+        logits, _ = forward(p, tokens, c)
+        return jax.nn.logsumexp(logits, -1).mean()
+
+    ref = jax.value_and_grad(loss)(params, cfg)
+    got = jax.value_and_grad(loss)(params, apply_overrides(cfg, {"scan_unroll": cfg.num_hidden_layers}))
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(Exception, match="scan_unroll"):
+        apply_overrides(cfg, {"scan_unroll": 0})
