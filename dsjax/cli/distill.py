@@ -1,8 +1,8 @@
 """`dsjax distill --config configs/rl_distill_toy.yaml --workdir DIR [key=value ...]`: rejection-sample a
 teacher and SFT a student on the accepted samples.
 
-teacher=PATH (checkpoint dir or dsjax workdir); the student is the `sft:` section (sft.init, sft.model,
-sft.steps, ...). Writes DIR/distill_data.jsonl, DIR/distill_stats.json and the student under DIR/student.
+teacher=PATH (checkpoint dir or dsjax workdir); the student's model is the top-level `model:` section
+(model.key=value) and its training run the `sft:` section (sft.init, sft.steps, ...). Writes DIR/distill_data.jsonl, DIR/distill_stats.json and the student under DIR/student.
 """
 from __future__ import annotations
 
@@ -21,5 +21,5 @@ def register(sub, help_):
     p = sub.add_parser("distill", help=help_, description=__doc__)
     p.add_argument("--config", default=None, help="distill YAML (fields of dsjax.rl.distill.DistillConfig)")
     p.add_argument("--workdir", required=True, help="data, stats and the student's run go here")
-    p.add_argument("overrides", nargs="*", help="key=value, sft.key=value or sft.model.key=value")
+    p.add_argument("overrides", nargs="*", help="key=value, model.key=value or sft.key=value")
     p.set_defaults(func=run)
