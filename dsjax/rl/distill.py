@@ -18,6 +18,7 @@ from dsjax.rl.distill_filter import rejection_filter
 from dsjax.rl.rewards import resolve_reward
 from dsjax.rl.rollout import PROMPT_STYLES, decode_completions, encode_prompt, sample_completions
 from dsjax.rl.sft import SFTConfig, _check_positive, config_to_yaml, load_policy, sft
+from dsjax.rl.toy_task import check_max_value
 
 # A stub-able teacher: (problems, prompt token ids) -> one completion text per problem.
 TeacherFn = Callable[[Sequence[dict], Sequence[Sequence[int]]], Sequence[str]]
@@ -47,8 +48,7 @@ class DistillConfig:
     def __post_init__(self):
         if self.sft.model != self.model:
             object.__setattr__(self, "sft", dataclasses.replace(self.sft, model=self.model))
-        if self.max_value < 10:
-            raise ConfigError(f"DistillConfig field 'max_value': must be >= 10, got {self.max_value}")
+        check_max_value(self)
         _check_positive(self, ("num_prompts", "samples_per_prompt", "max_new_tokens", "sample_batch"))
         if self.prompt_style not in PROMPT_STYLES:
             raise ConfigError(f"DistillConfig field 'prompt_style': one of {PROMPT_STYLES}, got {self.prompt_style!r}")

@@ -29,6 +29,7 @@ from dsjax.rl.rewards import accuracy_reward, combine_rewards, format_reward, re
 from dsjax.rl.rollout import (PROMPT_STYLES, decode_completions, encode_prompt, logprob_fn, pack_rollouts,
                               sample_completions)
 from dsjax.rl.sft import FINAL_DIR, _check_positive, config_to_yaml, load_policy
+from dsjax.rl.toy_task import check_max_value, make_problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +86,7 @@ class GRPOConfig:
     def __post_init__(self):
         _check_positive(self, ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "log_every",
                                "checkpoint_every", "keep_checkpoints", "difficulty"))
-        if self.max_value < 10:
-            raise ConfigError(f"GRPOConfig field 'max_value': must be >= 10, got {self.max_value}")
+        check_max_value(self)
         if self.group_size < 2:
             raise ConfigError("GRPOConfig field 'group_size': needs >= 2 completions per prompt to compare")
         if self.aggregation not in ("sequence", "token"):
@@ -111,8 +111,6 @@ class GRPOConfig:
 def load_problems(task: str, split: str, n: int, *, seed: int, difficulty: int, max_value: int) -> list[dict]:
     """Problem dicts with "prompt"/"question" and "answer" (usable as a reward's reference)."""
     if task == "toy":
-        from dsjax.rl.toy_task import make_problems
-
         return make_problems(n, seed, difficulty, split=split, max_value=max_value)
     if not os.path.isfile(task):
         raise DataError(f"task: {task} is neither 'toy' nor a JSONL file")

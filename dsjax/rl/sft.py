@@ -34,6 +34,7 @@ from dsjax.errors import DataError
 from dsjax.infer.chat import THINK_CLOSE, markers_for
 from dsjax.model.mtp import shifted
 from dsjax.model.transformer import forward
+from dsjax.rl.toy_task import check_max_value, toy_chat_examples
 
 FINAL_DIR = "final"  # a post-training workdir's final model (native checkpoint), what load_policy picks up
 
@@ -84,8 +85,7 @@ class SFTConfig:
                                "num_toy_examples", "difficulty"))
         if self.moment_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"sft config field 'moment_dtype': must be float32 or bfloat16, got {self.moment_dtype!r}")
-        if self.max_value < 10:
-            raise ConfigError(f"sft config field 'max_value' (data=toy): must be >= 10, got {self.max_value}")
+        check_max_value(self)
         if self.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"sft config field 'seq_len': {self.seq_len} exceeds model.max_position_embeddings "
                               f"{self.model.max_position_embeddings}")
@@ -451,8 +451,6 @@ def sft(scfg: SFTConfig, workdir: str, *, examples: Sequence[Sequence[Mapping[st
         if not scfg.data:
             raise ConfigError("sft: set data=PATH to a chat JSONL file (or data=toy)")
         if scfg.data == "toy":
-            from dsjax.rl.toy_task import toy_chat_examples
-
             examples = toy_chat_examples(scfg.num_toy_examples, scfg.seed, scfg.difficulty, max_value=scfg.max_value)
         else:
             examples = load_chat_jsonl(scfg.data)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import random
 
+from dsjax.config import ConfigError
+
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with "
@@ -30,6 +32,16 @@ TOY_TEMPLATE = (
 HELD_OUT_BUCKETS = 10  # one question in 10 (by hash) is held out
 _OPS = ("add", "subtract", "multiply by")
 _SYMBOL = {"add": "+", "subtract": "-", "multiply by": "*"}
+
+
+# The smallest max_value make_problems accepts; the RL configs check it when they are built.
+MIN_MAX_VALUE = 10
+
+
+def check_max_value(cfg) -> None:
+    """A config's `max_value` against make_problems' bound, as a ConfigError naming the field."""
+    if cfg.max_value < MIN_MAX_VALUE:
+        raise ConfigError(f"{type(cfg).__name__} field 'max_value': must be >= {MIN_MAX_VALUE}, got {cfg.max_value}")
 
 
 def format_prompt(question: str, template: str = TOY_TEMPLATE) -> str:
@@ -93,8 +105,8 @@ def make_problems(n: int, seed: int, difficulty: int = 2, *, split: str = "train
         raise ValueError(f"make_problems: split must be 'train' or 'test', got {split!r}")
     if difficulty < 1:
         raise ValueError(f"make_problems: difficulty (number of operations) must be >= 1, got {difficulty}")
-    if max_value < 10:
-        raise ValueError(f"make_problems: max_value must be >= 10, got {max_value}")
+    if max_value < MIN_MAX_VALUE:
+        raise ValueError(f"make_problems: max_value must be >= {MIN_MAX_VALUE}, got {max_value}")
     rng = random.Random(f"dsjax-toy:{seed}:{difficulty}:{max_value}:{split}")
     want_held_out = split == "test"
     problems: list[dict] = []
