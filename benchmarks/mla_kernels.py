@@ -8,7 +8,7 @@ pure-jnp reference (what impl="auto" runs there) against XLA's fused dot_product
 zero-padded to qk_dim, as that API requires equal head dims) and prints ms and the ratio. On an
 accelerator it reports prefill forward / forward+backward TFLOP/s of the Pallas kernel and of the
 XLA reference against the bf16 peak (SPEC section 8: H100 989 TF, v5p 459, v6e 918) and decode
-GB/s against HBM bandwidth (H100 3.35 TB/s). FLOPs count the causal half: forward
+GB/s against HBM bandwidth (H100 3.35 TB/s, H200 4.8). FLOPs count the causal half: forward
 2*b*h*s^2/2*(qk+v), backward 2*b*h*s^2/2*(3*qk+2*v) (recomputed q.k, dp, dv, dk, dq).
 """
 import argparse
@@ -18,7 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.mla import mla_attention, mla_decode
+from pallas_kernels.mla import BlockSizes, mla_attention, mla_decode
 
 PEAK = {"gpu": (989e12, 3.35e12), "tpu": (459e12, 2.77e12), "cpu": (None, None)}
 
@@ -59,11 +59,17 @@ def main():
     ap.add_argument("--cache-len", type=int, default=4096)
     ap.add_argument("--decode-batch", type=int, default=4)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--decode-block-t", type=int, nargs="*", default=[None], metavar="T",
+                    help="decode cache tiles to time (default: the kernel's own)")
+    ap.add_argument("--blocks", nargs="*", default=[], metavar="BQ,BK,BQ_BWD,BK_BWD",
+                    help="extra Pallas tile sets to time (accelerator only), e.g. 128,64,64,64")
     args = ap.parse_args()
     backend = jax.default_backend()
     on_accel = backend in ("gpu", "tpu")
     dtype = jnp.bfloat16 if on_accel else jnp.float32
     peak_flops, peak_bw = PEAK.get(backend, (None, None))
+    if "H200" in jax.devices()[0].device_kind:
+        peak_bw = 4.8e12  # HBM3e; same bf16 peak as the H100
     b, s, h, dqk, dv = args.batch, args.seq, args.heads, args.qk_dim, args.v_dim
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
     q = jax.random.normal(kq, (b, s, h, dqk), dtype)
@@ -75,11 +81,17 @@ def main():
     paths = {"reference": functools.partial(mla_attention, impl="xla"), "xla_fused": xla_fused}
     if on_accel:
         paths["pallas"] = functools.partial(mla_attention, impl="pallas")
+        for spec in args.blocks:
+            tiles = BlockSizes(*(int(x) for x in spec.split(",")))
+            paths[f"pallas {spec}"] = functools.partial(mla_attention, impl="pallas", block_sizes=tiles)
     for phase in ("fwd", "fwd+bwd"):
         results = {}
         for name, attn in paths.items():
             fn = jax.jit(attn) if phase == "fwd" else fwd_bwd(attn)
-            results[name] = bench(fn, q, k, v, iters=args.iters)
+            try:
+                results[name] = bench(fn, q, k, v, iters=args.iters)
+            except Exception as e:  # a tile set too big for shared memory: report, go on
+                print(f"  {phase:8s} {name:10s} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
         base = results["reference"]
         for name, sec in results.items():
             line = f"  {phase:8s} {name:10s} {sec * 1e3:9.2f} ms  x{base / sec:5.2f} vs reference"
@@ -97,12 +109,13 @@ def main():
     kpe = jax.random.normal(ks[3], (bd, t, rope), dtype)
     lengths = jnp.full((bd,), t, jnp.int32)
     nbytes = bd * t * (rank + rope) * jnp.dtype(dtype).itemsize
-    impls = ["xla"] + (["pallas"] if on_accel else [])
     print(f"decode b={bd} heads={heads} cache={t} rank={rank}+{rope}")
-    for impl in impls:
-        fn = jax.jit(functools.partial(mla_decode, sm_scale=0.1, impl=impl))
+    runs = [("xla", None)] + [("pallas", t) for t in args.decode_block_t if on_accel]
+    for impl, block_t in runs:
+        fn = jax.jit(functools.partial(mla_decode, sm_scale=0.1, impl=impl, block_t=block_t))
         sec = bench(fn, ql, qp, c, kpe, lengths, iters=args.iters)
-        line = f"  decode   {impl:10s} {sec * 1e3:9.3f} ms  {nbytes / sec / 1e9:8.1f} GB/s"
+        name = impl if block_t is None else f"{impl} t={block_t}"
+        line = f"  decode   {name:10s} {sec * 1e3:9.3f} ms  {nbytes / sec / 1e9:8.1f} GB/s"
         if peak_bw:
             line += f" ({100 * nbytes / sec / peak_bw:.1f}% of HBM)"
         print(line)

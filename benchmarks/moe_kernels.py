@@ -9,6 +9,7 @@ useful 2*m*k*n, and the ratio to the dense matmul [m, k] @ [k, n] (the roofline 
 kernel would match). On GPU/TPU the peak is SPEC.md's bf16 number (H100/H200 989 TF).
 """
 import argparse
+import functools
 import time
 
 import jax
@@ -42,6 +43,8 @@ def main():
   ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--no-backward", action="store_true")
+  ap.add_argument("--tilings", nargs="*", default=[], metavar="TM,TK,TN",
+                  help="extra Pallas tilings to time (accelerator only), e.g. 128,128,128")
   args = ap.parse_args()
   backend = jax.default_backend()
   preset = args.preset or ("cpu" if backend == "cpu" else "v3")
@@ -73,29 +76,44 @@ def main():
       candidates[f"gmm xla_blocked block={block or 'auto'}"] = (
           lambda a, b, g, block=block: gmm(a, b, g, impl="xla_blocked", block=block))
     candidates["gmm auto"] = lambda a, b, g: gmm(a, b, g)
-  else:
-    candidates["gmm pallas"] = lambda a, b, g: gmm(a, b, g, impl="pallas")
-    candidates["gmm xla (ragged_dot)"] = lambda a, b, g: gmm(a, b, g, impl="xla")
-    candidates["gmm xla_blocked"] = lambda a, b, g: gmm(a, b, g, impl="xla_blocked")
+  else:  # ragged_dot last: at V3 size XLA:GPU may lower it densely and run out of memory
+    candidates = {"dense matmul (same FLOPs)": candidates["dense matmul (same FLOPs)"],
+                  "gmm pallas": lambda a, b, g: gmm(a, b, g, impl="pallas"),
+                  "gmm xla_blocked": lambda a, b, g: gmm(a, b, g, impl="xla_blocked"),
+                  **{f"gmm pallas {spec}": functools.partial(_pallas_tiled, spec=spec)
+                     for spec in args.tilings},
+                  "jax.lax.ragged_dot": candidates["jax.lax.ragged_dot"]}
 
   peak = PEAK_TFLOPS.get(backend)
-  dense_t = None
+  dense_t = None  # the first candidate (dense) is the ratio's base
   print(f"{'impl':34s} {'fwd ms':>9s} {'TF/s':>7s} {'vs dense':>8s}"
         + ("" if args.no_backward else f" {'fwd+bwd ms':>11s} {'TF/s':>7s}")
         + ("" if peak is None else f" {'% peak':>7s}"))
   for name, fn in candidates.items():
-    fwd = jax.jit(fn)
-    t = _time(fwd, lhs, rhs, group_sizes, reps=args.reps)
-    dense_t = dense_t or t
-    row = f"{name:34s} {t * 1e3:9.2f} {flops / t / 1e12:7.3f} {dense_t / t:8.2f}"
-    if not args.no_backward:
-      loss = lambda a, b, g, fn=fn: jnp.sum(fn(a, b, g).astype(jnp.float32))
-      fb = jax.jit(jax.value_and_grad(loss, (0, 1)))
-      tb = _time(fb, lhs, rhs, group_sizes, reps=args.reps)
-      row += f" {tb * 1e3:11.2f} {3 * flops / tb / 1e12:7.3f}"
-    if peak is not None:
-      row += f" {100 * flops / t / 1e12 / peak:6.1f}%"
-    print(row, flush=True)
+    try:
+      row = _row(name, fn, lhs, rhs, group_sizes, flops, peak, args, dense_t)
+    except Exception as e:  # one impl failing (e.g. out of memory) must not hide the others
+      print(f"{name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+      continue
+    dense_t = dense_t or row[1]
+    print(row[0], flush=True)
+
+
+def _pallas_tiled(a, b, g, spec):
+  return gmm(a, b, g, impl="pallas", tiling=tuple(int(x) for x in spec.split(",")))
+
+
+def _row(name, fn, lhs, rhs, group_sizes, flops, peak, args, dense_t):
+  """(printed row, forward seconds) of one candidate."""
+  t = _time(jax.jit(fn), lhs, rhs, group_sizes, reps=args.reps)
+  row = f"{name:34s} {t * 1e3:9.2f} {flops / t / 1e12:7.3f} {(dense_t or t) / t:8.2f}"
+  if not args.no_backward:
+    loss = lambda a, b, g: jnp.sum(fn(a, b, g).astype(jnp.float32))
+    tb = _time(jax.jit(jax.value_and_grad(loss, (0, 1))), lhs, rhs, group_sizes, reps=args.reps)
+    row += f" {tb * 1e3:11.2f} {3 * flops / tb / 1e12:7.3f}"
+  if peak is not None:
+    row += f" {100 * flops / t / 1e12 / peak:6.1f}%"
+  return row, t
 
 
 if __name__ == "__main__":

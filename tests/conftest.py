@@ -11,3 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def cuda_target():
+    """Lower Triton kernels for CUDA on this CPU host: jax >= 0.11 asks which GPU to target (an
+    abstract device on the abstract mesh) and refuses without one; jax 0.10 ignores it."""
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=gpu)):
+        yield

@@ -205,7 +205,7 @@ def test_auto_lowers_the_tpu_kernel_for_tpu():
 # ----------------------------------------------------------------------------- GPU export
 
 
-def test_gpu_kernels_lower_for_cuda():
+def test_gpu_kernels_lower_for_cuda(cuda_target):
     """The Triton kernels (forward, dq, dk/dv, both decodes) lower for CUDA with jax.export."""
     from jax import export
 

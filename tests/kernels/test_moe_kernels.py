@@ -188,7 +188,7 @@ def test_mosaic_compiles_for_tpu(topology):
   assert compiled.memory_analysis() is not None
 
 
-def test_triton_lowers_for_cuda():
+def test_triton_lowers_for_cuda(cuda_target):
   from jax import export
   args = (jax.ShapeDtypeStruct((256, 128), jnp.bfloat16),
           jax.ShapeDtypeStruct((4, 128, 128), jnp.bfloat16),
