@@ -65,15 +65,18 @@ def dot_attention(q, k, v, segment_ids, scale: float, block_q: int | None = None
     343 -> 193 ms)."""
     sq, sk = q.shape[1], k.shape[1]
     block_q = block_q or _query_block(sq)
+    # Heads-major [b, h, s, d]: every product below batches over (b, h) with no transposes; the
+    # scale goes on q ([b, s, h, d] numbers) rather than on the [b, h, q, k] scores.
+    q = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if sq != sk or sq <= block_q:
-        return _attend(q, k, v, attention_mask(sq, sk, segment_ids), scale)
+        return jnp.swapaxes(_attend(q, k, v, attention_mask(sq, sk, segment_ids)), 1, 2)
     outs = []
     for i in range(0, sq, block_q):
         e = min(i + block_q, sq)
         seg = None if segment_ids is None else (segment_ids[:, i:e], segment_ids[:, :e])
-        mask = _block_mask(i, e, seg)
-        outs.append(_attend(q[:, i:e], k[:, :e], v[:, :e], mask, scale))
-    return jnp.concatenate(outs, axis=1)
+        outs.append(_attend(q[:, :, i:e], k[:, :, :e], v[:, :, :e], _block_mask(i, e, seg)))
+    return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
 
 
 def _block_mask(start: int, end: int, seg) -> jnp.ndarray:
@@ -84,12 +87,46 @@ def _block_mask(start: int, end: int, seg) -> jnp.ndarray:
     return mask
 
 
-def _attend(q, k, v, mask, scale: float) -> jnp.ndarray:
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    s = s.astype(jnp.float32)
-    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-    w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+_NEG = float(jnp.finfo(jnp.float32).min)
+_F32 = jnp.float32
+
+
+@jax.custom_vjp
+def _attend(q, k, v, mask) -> jnp.ndarray:
+    """Masked softmax attention of one query block, heads-major: q [b,h,q,d] (already scaled),
+    k [b,h,k,d], v [b,h,k,dv], mask [b|1, 1, q, k] -> [b,h,q,dv]; softmax in float32.
+
+    A hand-written VJP: autodiff of softmax makes several passes over the [b, h, q, k] scores, the
+    flash-attention identity dS = P * (dP - rowsum(dO * O)) one. The softmax is normalised on the
+    [.., q, dv] output rather than on the probabilities. CPU, cpu_bench shapes (8 x 512, 4 heads):
+    fwd+bwd 41 -> 33 ms per layer."""
+    return _attend_fwd(q, k, v, mask)[0]
+
+
+def _attend_fwd(q, k, v, mask):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=_F32)
+    s = jnp.where(mask, s, _NEG)
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))  # unnormalised; 0 where masked
+    inv_l = 1.0 / jnp.sum(p, axis=-1, keepdims=True)  # [b, h, q, 1]
+    o = (jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=_F32) * inv_l).astype(v.dtype)
+    return o, (q, k, v, p, inv_l, o)
+
+
+def _attend_bwd(res, do):
+    # P = p * inv_l, so dV = P^T dO = p^T (dO * inv_l) and dS = P (dP - rowsum(dO O)) = p (dP' - rows')
+    # with dP' and rows' taken against dO * inv_l.
+    q, k, v, p, inv_l, o = res
+    do_l = do.astype(_F32) * inv_l
+    dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), do_l.astype(v.dtype))
+    dp = jnp.einsum("bhqd,bhkd->bhqk", do_l.astype(v.dtype), v, preferred_element_type=_F32)
+    rows = jnp.sum(do_l * o.astype(_F32), axis=-1, keepdims=True)
+    ds = (p * (dp - rows)).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
+    return dq, dk, dv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def mla(p: dict, x: jnp.ndarray, cos, sin, segment_ids, cfg: ModelConfig) -> jnp.ndarray:

@@ -104,6 +104,28 @@ def _pallas_gmm(interpret):
     return lambda lhs, rhs, gs: gmm(lhs, rhs, gs, impl="pallas", interpret=interpret)
 
 
+@jax.custom_vjp
+def _take_rows(x, idx, readers):
+    """x[idx] over rows (idx == len(x) reads a zero row) whose transpose is a gather too.
+
+    readers [len(x), m]: the output rows that read each row of x (m per row; len(idx) = none).
+    The plain gather's transpose is a scatter-add, which XLA:CPU runs as a serial loop; with the
+    readers known (the routing is a permutation), dx is a gather and a sum instead."""
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x, idx, readers):
+    return _take_rows(x, idx, readers), readers
+
+
+def _take_rows_bwd(readers, g):
+    g = jnp.concatenate([g, jnp.zeros((1, g.shape[1]), g.dtype)])  # row len(idx): "nobody"
+    return jnp.take(g, readers, axis=0).sum(1), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 def _experts_blocked(p, x, w, idx, cfg):
     t, k = idx.shape
     e, bs = cfg.n_routed_experts, cfg.moe_block_size
@@ -115,13 +137,20 @@ def _experts_blocked(p, x, w, idx, cfg):
     start = jnp.cumsum(group_sizes) - group_sizes
     dest = pad_start[sorted_e] + (jnp.arange(n) - start[sorted_e])  # row of each sorted assignment
     num_blocks = -(-(n + e * (bs - 1)) // bs)  # static upper bound on padded blocks
+    rows = num_blocks * bs
     block_expert = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(num_blocks) * bs, side="right"), e - 1)
+    # Assignment a = token * k + slot. row_assign: the assignment in each padded row (n = padding);
+    # assign_row: the row of each assignment. Both directions are gathers, forward and backward.
+    row_assign = jnp.full((rows,), n, jnp.int32).at[dest].set(order.astype(jnp.int32))
+    assign_row = jnp.zeros((n,), jnp.int32).at[order].set(dest.astype(jnp.int32))
+    row_token = jnp.where(row_assign < n, row_assign // k, t)  # t: the zero row
     dt = x.dtype
-    xb = jnp.zeros((num_blocks * bs, x.shape[1]), dt).at[dest].set(x[order // k]).reshape(num_blocks, bs, -1)
+    xb = _take_rows(x, row_token, assign_row.reshape(t, k)).reshape(num_blocks, bs, -1)
     g = jnp.einsum("nbd,ndf->nbf", xb, p["gate_proj"].astype(dt)[block_expert])
     u = jnp.einsum("nbd,ndf->nbf", xb, p["up_proj"].astype(dt)[block_expert])
     y = jnp.einsum("nbf,nfd->nbd", jax.nn.silu(g) * u, p["down_proj"].astype(dt)[block_expert])
-    return _combine(y.reshape(num_blocks * bs, -1)[dest], order, w, t, k)
+    yk = _take_rows(y.reshape(rows, -1), assign_row, row_assign[:, None]).reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", yk, w.astype(dt))
 
 
 def routed_experts(p: dict, x: jnp.ndarray, w, idx, cfg: ModelConfig) -> jnp.ndarray:
