@@ -53,7 +53,7 @@ def _mask_groups(choice, grouped, group_scores, cfg: ModelConfig):
     """Keep the topk_group best groups; the others get -inf so they can never be chosen."""
     t, g, per = grouped.shape
     keep = jax.lax.top_k(group_scores, cfg.topk_group)[1]  # [T, topk_group]
-    group_mask = jnp.zeros((t, g), bool).at[jnp.arange(t)[:, None], keep].set(True)
+    group_mask = jax.nn.one_hot(keep, g, dtype=jnp.int32).sum(1) > 0  # [T, n_group]; no scatter
     mask = jnp.repeat(group_mask, per, axis=1)
     return jnp.where(mask, choice, -jnp.inf)
 
@@ -182,7 +182,8 @@ def moe(p: dict, x: jnp.ndarray, cfg: ModelConfig, token_mask: jnp.ndarray | Non
     if cfg.n_shared_experts > 0:
         y = y + swiglu(p["shared_experts"], x2)
     m = jnp.ones((b * s,), jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)
-    chosen = jnp.zeros((b * s, cfg.n_routed_experts), jnp.float32).at[jnp.arange(b * s)[:, None], idx].set(1.0)
+    # one-hot sums rather than a scatter (a serial loop on XLA:CPU); top-k indices are distinct
+    chosen = jax.nn.one_hot(idx, cfg.n_routed_experts, dtype=jnp.float32).sum(1)
     chosen = chosen * m[:, None]
     probs = scores / scores.sum(-1, keepdims=True) * m[:, None]
     stats = {
