@@ -37,10 +37,11 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     from dsjax.errors import UserError
+    from pallas_kernels.unavailable import PallasUnavailableError  # impl=pallas lowered for CPU
 
     try:
         return int(args.func(args) or 0)
-    except UserError as e:
+    except (*UserError, PallasUnavailableError) as e:
         print(f"dsjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -140,10 +140,27 @@ def mla(p: dict, x: jnp.ndarray, cos, sin, segment_ids, cfg: ModelConfig) -> jnp
     q = jnp.concatenate([q_nope, q_pe], axis=-1)  # [b, s, h, qk_head_dim]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (b, s, h, cfg.qk_rope_head_dim))], axis=-1)
     if cfg.attention_impl == "pallas":
-        from pallas_kernels.mla import mla_attention
-
-        o = mla_attention(q, k, v, segment_ids=segment_ids, sm_scale=cfg.softmax_scale, causal=True,
-                          impl="pallas", interpret=cfg.kernel_interpret)
+        o = _pallas_attention(q, k, v, segment_ids, cfg)
     else:
         o = dot_attention(q, k, v, segment_ids, cfg.softmax_scale)
     return o.reshape(b, s, h * cfg.v_head_dim) @ p["o_proj"].astype(x.dtype)
+
+
+def _pallas_attention(q, k, v, segment_ids, cfg: ModelConfig) -> jnp.ndarray:
+    """The Pallas flash kernel, per device under a mesh (Mosaic/Triton calls are not partitioned by
+    XLA): batch over the token axes that divide it, heads over "tensor" when it divides them."""
+    from dsjax.parallel import expert_parallel as ep  # late: dsjax.parallel imports the model
+    from pallas_kernels.mla import mla_attention
+
+    def attend(q, k, v, seg):
+        return mla_attention(q, k, v, segment_ids=seg, sm_scale=cfg.softmax_scale, causal=True,
+                             impl="pallas", interpret=cfg.kernel_interpret)
+
+    mesh = ep.current_mesh()
+    if mesh is None:
+        return attend(q, k, v, segment_ids)
+    batch = ep.token_axes(mesh, q.shape[0]) or None
+    heads = "tensor" if dict(mesh.shape).get("tensor", 1) > 1 and q.shape[2] % dict(mesh.shape)["tensor"] == 0 else None
+    spec = jax.sharding.PartitionSpec(batch, None, heads, None)
+    seg_spec = None if segment_ids is None else jax.sharding.PartitionSpec(batch, None)
+    return ep.per_shard(attend, (q, k, v, segment_ids), (spec, spec, spec, seg_spec), spec)

@@ -51,7 +51,7 @@ def expert_axis_size(mesh=None) -> int:
     return dict(mesh.shape)[EXPERT_AXIS]
 
 
-def _token_axes(mesh, t: int) -> tuple[str, ...]:
+def token_axes(mesh, t: int) -> tuple[str, ...]:
     """Mesh axes the T tokens are split over inside the shard_map: the batch axes that divide T."""
     sizes = dict(mesh.shape)
     out, prod = [], 1
@@ -63,6 +63,17 @@ def _token_axes(mesh, t: int) -> tuple[str, ...]:
     return tuple(out)
 
 
+def per_shard(fn, args, specs, out_spec):
+    """fn(*args) run per device under the current mesh with shard_map (for Pallas kernels, which XLA
+    cannot partition), or directly when there is no mesh of more than one device. specs: one
+    PartitionSpec per arg (None args pass through)."""
+    mesh = current_mesh()
+    if mesh is None or mesh.size == 1 or set(mesh.axis_names) <= set(getattr(mesh, "manual_axes", ())):
+        return fn(*args)
+    # check_vma off: pallas_call outputs carry no varying-axes type, and fn has no collectives.
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec, check_vma=False)(*args)
+
+
 def routed_experts_ep(p: dict, x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray, cfg: ModelConfig, mesh=None):
     """Expert-parallel `routed_experts`: x [T, hidden], w/idx [T, K] (global arrays) -> [T, hidden]."""
     mesh = current_mesh() if mesh is None else mesh
@@ -71,7 +82,7 @@ def routed_experts_ep(p: dict, x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray,
     t = x.shape[0]
     if e % n:
         raise ValueError(f"expert parallelism: n_routed_experts={e} is not divisible by the mesh's expert axis ({n})")
-    axes = _token_axes(mesh, t)
+    axes = token_axes(mesh, t)
     if EXPERT_AXIS not in axes:
         raise ValueError(f"expert parallelism: {t} tokens cannot be split over the expert axis ({n}); "
                          f"make batch*seq divisible by the batch mesh axes")

@@ -23,8 +23,8 @@
 impl: "auto" = the Pallas kernel of the platform the computation is lowered for (TPU: tpu.py,
 CUDA: gpu.py) and the pure-jnp reference elsewhere, chosen with lax.platform_dependent so that AOT
 lowering for a TPU topology from a CPU host gets the TPU kernel; "pallas" = the kernel of the
-current default backend (an error on CPU unless interpret=True, where the TPU kernel runs in the
-Pallas interpreter); "pallas_tpu" / "pallas_gpu" = that backend's kernel explicitly (AOT
+platform lowered for, never the reference (lowering for CPU raises PallasUnavailableError unless
+interpret=True, where the TPU kernel runs in the Pallas interpreter); "pallas_tpu" / "pallas_gpu" = that backend's kernel explicitly (AOT
 compiles, interpreter tests); "xla" = reference.py.
 """
 import dataclasses
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.mla import gpu, reference, tpu
+from pallas_kernels.unavailable import unavailable
 
 IMPLS = ("auto", "pallas", "pallas_tpu", "pallas_gpu", "xla")
 
@@ -154,32 +155,24 @@ def _flash_bwd(cfg, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _check_impl(impl, interpret):
+def _dispatch(impl, interpret, kernel_fn, ref_fn, args, what):
+    """Pick the backend for `impl` (see module docstring); kernel_fn(backend, *args)."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
-    if impl == "pallas" and not interpret and jax.default_backend() not in ("tpu", "gpu"):
-        raise ValueError(
-            f"impl='pallas' needs a TPU or GPU backend, but the default backend is "
-            f"{jax.default_backend()!r}; pass interpret=True to run the kernel in the Pallas "
-            f"interpreter, impl='pallas_tpu'/'pallas_gpu' to lower for another platform (AOT), "
-            f"or impl='xla' for the reference")
-
-
-def _dispatch(impl, interpret, kernel_fn, ref_fn, args):
-    """Pick the backend for `impl` (see module docstring); kernel_fn(backend, *args)."""
-    _check_impl(impl, interpret)
     if impl == "xla":
         return ref_fn(*args)
     if impl in ("pallas_tpu", "pallas_gpu"):
         return kernel_fn(impl.removeprefix("pallas_"), *args)
     if interpret:  # "auto"/"pallas" in the interpreter: the Mosaic kernels
         return kernel_fn("tpu", *args)
-    if impl == "pallas":
-        backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
-        return kernel_fn(backend, *args)
+    default = ref_fn
+    if impl == "pallas":  # never the reference: lowering for CPU raises (pallas_kernels/unavailable.py)
+        def default(*a):
+            out = jax.eval_shape(ref_fn, *a)
+            return unavailable(a[0], out.shape, out.dtype, what)
     return lax.platform_dependent(
         *args, tpu=functools.partial(kernel_fn, "tpu"), cuda=functools.partial(kernel_fn, "gpu"),
-        default=ref_fn)
+        default=default)
 
 
 def mla_attention(q, k, v, *, segment_ids=None, sm_scale=None, causal=True, impl="auto",
@@ -202,7 +195,7 @@ def mla_attention(q, k, v, *, segment_ids=None, sm_scale=None, causal=True, impl
         return reference.mla_attention(q, k, v, segment_ids=segment_ids, sm_scale=sm_scale,
                                        causal=causal)
 
-    return _dispatch(impl, interpret, kernel_fn, ref_fn, (q, k, v, segment_ids))
+    return _dispatch(impl, interpret, kernel_fn, ref_fn, (q, k, v, segment_ids), "mla_attention")
 
 
 def combine_splits(o_parts, lse_parts):
@@ -252,4 +245,4 @@ def mla_decode(q_latent, q_pe, latent_cache, rope_cache, lengths, *, sm_scale, p
                                     sm_scale=sm_scale, page_table=page_table)
 
     return _dispatch(impl, interpret, kernel_fn, ref_fn,
-                     (q_latent, q_pe, latent_cache, rope_cache, lengths, page_table))
+                     (q_latent, q_pe, latent_cache, rope_cache, lengths, page_table), "mla_decode")

@@ -25,22 +25,17 @@ import functools
 from typing import Literal, Optional
 
 import jax
-import jax.extend
-import jax.interpreters.mlir
 import jax.numpy as jnp
 
 from pallas_kernels.moe import blocked
 from pallas_kernels.moe.permute import permute, unpermute_combine
 from pallas_kernels.moe.routing import Routing, gate_logits, route
+from pallas_kernels.unavailable import PallasUnavailableError, unavailable
 
 __all__ = ["gmm", "tgmm", "route", "gate_logits", "Routing", "permute", "unpermute_combine",
            "PallasUnavailableError"]
 
 Impl = Literal["auto", "pallas", "xla", "xla_blocked"]
-
-
-class PallasUnavailableError(RuntimeError):
-  pass
 
 
 def _xla_gmm(lhs, rhs, group_sizes, transpose_rhs):
@@ -59,35 +54,13 @@ def _xla_tgmm(lhs, dout, group_sizes):
                                     preferred_element_type=jnp.float32)
 
 
-# impl="pallas" without interpret on CPU: the default branch of platform_dependent is this
-# primitive, whose only lowering raises. platform_dependent lowers just the target platform's
-# branch, so AOT compiles for TPU/GPU from a CPU host never see it, and CPU gets a clear error
-# instead of jax's "platform_index ... not found for platform cpu".
-_pallas_unavailable_p = jax.extend.core.Primitive("dsjax_pallas_unavailable")
-_pallas_unavailable_p.def_abstract_eval(
-    lambda x, *, shape, dtype: jax.core.ShapedArray(shape, dtype))
-
-
-def _raise_unavailable(ctx, x, *, shape, dtype):
-  del ctx, x, shape, dtype
-  raise PallasUnavailableError(
-      "gmm(impl='pallas') was lowered for CPU, which has no Pallas compiler. Pass "
-      "interpret=True to run the kernel in interpret mode, or use impl='auto', 'xla' or "
-      "'xla_blocked'.")
-
-
-jax.interpreters.mlir.register_lowering(_pallas_unavailable_p, _raise_unavailable)
-_pallas_unavailable_p.def_impl(lambda x, **kw: _raise_unavailable(None, x, **kw))
-
-
 def _unavailable_gmm(lhs, rhs, group_sizes, t):
   n = rhs.shape[1] if t else rhs.shape[2]
-  return _pallas_unavailable_p.bind(lhs, shape=(lhs.shape[0], n), dtype=lhs.dtype)
+  return unavailable(lhs, (lhs.shape[0], n), lhs.dtype, "gmm")
 
 
 def _unavailable_tgmm(lhs, dout, group_sizes):
-  shape = (group_sizes.shape[0], lhs.shape[1], dout.shape[1])
-  return _pallas_unavailable_p.bind(lhs, shape=shape, dtype=jnp.dtype(jnp.float32))
+  return unavailable(lhs, (group_sizes.shape[0], lhs.shape[1], dout.shape[1]), jnp.float32, "tgmm")
 
 
 def _kernels(impl, interpret, interpret_kernel, tiling, block):

@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pallas_kernels.mla import BlockSizes, mla_attention, mla_decode
+from pallas_kernels.unavailable import PallasUnavailableError
 
 TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -90,8 +91,10 @@ def test_attention_bf16_matches_reference(backend):
 def test_auto_is_reference_on_cpu_and_pallas_needs_interpret():
     q, k, v, _ = _qkv(jax.random.PRNGKey(1), 1, 8, 1, 8, 4, jnp.float32)
     np.testing.assert_array_equal(mla_attention(q, k, v), mla_attention(q, k, v, impl="xla"))
-    with pytest.raises(ValueError, match="interpret=True"):
+    with pytest.raises(PallasUnavailableError, match="interpret=True"):  # never the reference
         mla_attention(q, k, v, impl="pallas")
+    with pytest.raises(PallasUnavailableError, match="mla_attention"):
+        jax.jit(functools.partial(mla_attention, impl="pallas"))(q, k, v)
     with pytest.raises(ValueError, match="impl="):
         mla_attention(q, k, v, impl="cuda")
 
@@ -200,6 +203,25 @@ def test_auto_lowers_the_tpu_kernel_for_tpu():
                        in_specs=(P("data"),) * 3, out_specs=P("data"))
     text = jax.jit(fn).lower(spec, spec, spec).as_text()
     assert "tpu_custom_call" in text and "mla_flash_fwd" in text
+
+
+def test_model_with_both_pallas_impls_lowers_for_tpu():
+    """attention_impl=pallas / moe_impl=pallas: a training step lowers to the Mosaic kernels for TPU
+    from this CPU host (AOT), although the same step cannot run here."""
+    from dsjax.config import load_config
+    from dsjax.model.params import init_params
+    from dsjax.model.transformer import forward
+
+    mesh = _tpu_mesh("v5p:2x2x1")  # skips without libtpu
+    cfg = load_config("tiny").replace(attention_impl="pallas", moe_impl="pallas", dtype="bfloat16")
+    on_tpu = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P()))
+    params = jax.tree.map(on_tpu, jax.eval_shape(lambda: init_params(cfg, 0)))
+    tokens = on_tpu(jax.ShapeDtypeStruct((2, 128), jnp.int32))
+    grad = jax.grad(lambda p, t: forward(p, t, cfg, with_mtp=False)[0].astype(jnp.float32).mean())
+    with jax.set_mesh(mesh):  # as `dsjax compile` does: Mosaic reads the TPU kind off the mesh
+        text = jax.jit(grad).lower(params, tokens).as_text()
+    for name in ("mla_flash_fwd", "mla_flash_bwd", "tpu_custom_call"):
+        assert name in text, name
 
 
 # ----------------------------------------------------------------------------- GPU export

@@ -85,3 +85,20 @@ def test_no_mesh_means_no_expert_parallelism():
     assert ep.expert_axis_size() == 1
     with jax.set_mesh(pm.make_mesh(pm.MeshConfig(fsdp=-1))):
         assert ep.expert_axis_size() == 1
+
+
+def test_pallas_kernels_run_per_device_under_a_mesh(reference):
+    """attention_impl=pallas / moe_impl=pallas under a mesh without an expert axis: the kernels run
+    per device in a shard_map (XLA cannot partition a Pallas call), batch over fsdp and heads over
+    tensor, and give the single-device XLA model's loss and gradients (kernels in the interpreter)."""
+    cfg, params, tokens, loss0, aux0, grads0 = reference
+    cfg = cfg.replace(attention_impl="pallas", moe_impl="pallas", kernel_interpret=True)
+    mesh = pm.make_mesh(pm.MeshConfig(fsdp=4, tensor=2))
+    p = jax.device_put(params, pm.param_shardings(mesh, cfg))
+    t = jax.device_put(tokens, pm.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        (loss, aux), grads = _value_and_grad(cfg, p, t)
+    assert _rel(loss, loss0) <= 1e-5
+    flat0 = jax.tree_util.tree_flatten_with_path(grads0)[0]
+    for (path, g0), g in zip(flat0, jax.tree.leaves(grads)):
+        assert _rel(g, g0) <= 1e-5, jax.tree_util.keystr(path)

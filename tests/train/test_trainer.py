@@ -124,3 +124,15 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     train(_cfg("steps=1"), str(tmp_path))
     with pytest.raises(ConfigError, match="different model"):
         train(_cfg("steps=1", "model.hidden_size=32"), str(tmp_path))
+
+
+@pytest.mark.parametrize("key", ["model.attention_impl", "model.moe_impl"])
+def test_pallas_impl_on_cpu_is_a_user_error(tmp_path, capsys, key):
+    """The Pallas kernels have no CPU compiler: `dsjax train` exits 2 naming the kernel and the config
+    way out (never a traceback, never a silent fall-back to the XLA path)."""
+    from dsjax.cli import main
+
+    rc = main(["train", "--workdir", str(tmp_path), f"{key}=pallas", "steps=1", *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "impl='pallas') was lowered for CPU" in err and "kernel_interpret=true" in err
