@@ -89,7 +89,9 @@ def routed_experts_ep(p: dict, x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray,
     tok = P(axes)
     wspec = P(EXPERT_AXIS)
     body = functools.partial(_local, cfg=cfg, n=n)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(jax.tree.map(lambda _: wspec, p), tok, tok, tok), out_specs=tok)
+    # Pallas calls carry no varying-axes type: shard_map's check has to be off around them.
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(jax.tree.map(lambda _: wspec, p), tok, tok, tok), out_specs=tok,
+                       check_vma=cfg.moe_impl != "pallas")
     return fn(p, x, w, idx)
 
 

@@ -50,10 +50,11 @@ def _rel(a, b):
     (pm.MeshConfig(fsdp=1, expert=8), "blocked"),
     (pm.MeshConfig(fsdp=2, expert=4), "blocked"),
     (pm.MeshConfig(fsdp=1, data=2, expert=2, tensor=2), "ragged_dot"),
-], ids=["expert8", "fsdp2xexpert4", "data2xexpert2xtensor2-ragged_dot"])
+    (pm.MeshConfig(fsdp=2, expert=4), "pallas"),
+], ids=["expert8", "fsdp2xexpert4", "data2xexpert2xtensor2-ragged_dot", "fsdp2xexpert4-pallas"])
 def test_expert_parallel_matches_single_device(reference, mcfg, impl):
     cfg, params, tokens, loss0, aux0, grads0 = reference
-    cfg = cfg.replace(moe_impl=impl)
+    cfg = cfg.replace(moe_impl=impl, kernel_interpret=impl == "pallas")  # pallas: the interpreter on CPU
     mesh = pm.make_mesh(mcfg)
     p = jax.device_put(params, pm.param_shardings(mesh, cfg))
     t = jax.device_put(tokens, pm.batch_sharding(mesh))
