@@ -145,8 +145,11 @@ class ModelConfig:
         return d
 
 
-_DSJAX_ONLY = {"init_std", "dtype", "param_dtype", "moe_impl", "moe_block_size", "attention_impl",
-               "kernel_interpret", "remat_policy", "scan_unroll"}
+# Fields that change how the model runs, not its parameters: a run may resume with other values.
+RUNTIME_ONLY = frozenset({"dtype", "moe_impl", "moe_block_size", "attention_impl", "kernel_interpret",
+                          "remat_policy", "scan_unroll"})
+# Fields HF's config.json does not have.
+_DSJAX_ONLY = RUNTIME_ONLY | {"init_std", "param_dtype"}
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

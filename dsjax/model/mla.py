@@ -156,11 +156,12 @@ def _pallas_attention(q, k, v, segment_ids, cfg: ModelConfig) -> jnp.ndarray:
         return mla_attention(q, k, v, segment_ids=seg, sm_scale=cfg.softmax_scale, causal=True,
                              impl="pallas", interpret=cfg.kernel_interpret)
 
-    mesh = ep.current_mesh()
-    if mesh is None:
-        return attend(q, k, v, segment_ids)
-    batch = ep.token_axes(mesh, q.shape[0]) or None
-    heads = "tensor" if dict(mesh.shape).get("tensor", 1) > 1 and q.shape[2] % dict(mesh.shape)["tensor"] == 0 else None
-    spec = jax.sharding.PartitionSpec(batch, None, heads, None)
-    seg_spec = None if segment_ids is None else jax.sharding.PartitionSpec(batch, None)
-    return ep.per_shard(attend, (q, k, v, segment_ids), (spec, spec, spec, seg_spec), spec)
+    def specs(mesh):
+        tensor = dict(mesh.shape).get("tensor", 1)
+        batch = ep.token_axes(mesh, q.shape[0]) or None
+        heads = "tensor" if tensor > 1 and q.shape[2] % tensor == 0 else None
+        spec = jax.sharding.PartitionSpec(batch, None, heads, None)
+        seg_spec = None if segment_ids is None else jax.sharding.PartitionSpec(batch, None)
+        return (spec, spec, spec, seg_spec), spec
+
+    return ep.per_shard(attend, (q, k, v, segment_ids), specs)

@@ -163,10 +163,12 @@ def routed_experts(p: dict, x: jnp.ndarray, w, idx, cfg: ModelConfig) -> jnp.nda
     if cfg.moe_impl == "ragged_dot":
         return _experts_grouped(p, x, w, idx, cfg, _ragged)
     if cfg.moe_impl == "pallas":  # per device under a mesh: XLA does not partition Pallas calls
-        mesh = ep.current_mesh()
-        tok = jax.sharding.PartitionSpec(ep.token_axes(mesh, x.shape[0]) or None) if mesh is not None else None
+        def specs(mesh):  # experts replicated (gathered), tokens split over the batch axes
+            tok = jax.sharding.PartitionSpec(ep.token_axes(mesh, x.shape[0]) or None)
+            return (jax.sharding.PartitionSpec(), tok, tok, tok), tok
+
         fn = lambda p, x, w, idx: _experts_grouped(p, x, w, idx, cfg, _pallas_gmm(cfg.kernel_interpret))
-        return ep.per_shard(fn, (p, x, w, idx), (jax.sharding.PartitionSpec(), tok, tok, tok), tok)
+        return ep.per_shard(fn, (p, x, w, idx), specs)
     return _experts_blocked(p, x, w, idx, cfg)
 
 

@@ -63,15 +63,16 @@ def token_axes(mesh, t: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def per_shard(fn, args, specs, out_spec):
+def per_shard(fn, args, specs):
     """fn(*args) run per device under the current mesh with shard_map (for Pallas kernels, which XLA
-    cannot partition), or directly when there is no mesh of more than one device. specs: one
-    PartitionSpec per arg (None args pass through)."""
+    cannot partition), or directly when there is no mesh of more than one device.
+    specs(mesh) -> (one PartitionSpec per arg (None for a None arg), the output's PartitionSpec)."""
     mesh = current_mesh()
     if mesh is None or mesh.size == 1 or set(mesh.axis_names) <= set(getattr(mesh, "manual_axes", ())):
         return fn(*args)
+    in_specs, out_spec = specs(mesh)
     # check_vma off: pallas_call outputs carry no varying-axes type, and fn has no collectives.
-    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=out_spec, check_vma=False)(*args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_spec, check_vma=False)(*args)
 
 
 def routed_experts_ep(p: dict, x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray, cfg: ModelConfig, mesh=None):

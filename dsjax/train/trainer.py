@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from dsjax.config import ConfigError
+from dsjax.config import RUNTIME_ONLY, ConfigError
 from dsjax.model.params import init_params
 from dsjax.train.checkpointing import Checkpointer, abstract_of
 from dsjax.train.config import TrainConfig, to_yaml
@@ -35,7 +35,7 @@ def _check_run_config(workdir: str, tcfg: TrainConfig) -> None:
             old = yaml.safe_load(f) or {}
         new = yaml.safe_load(text)
         diff = [k for k in new["model"] if old.get("model", {}).get(k) != new["model"][k]
-                and k not in ("dtype", "remat_policy", "moe_impl", "attention_impl", "kernel_interpret", "moe_block_size", "scan_unroll")]
+                and k not in RUNTIME_ONLY]
         if diff:
             raise ConfigError(f"{path}: workdir was created for a different model (fields {diff} differ); "
                               "use a new --workdir")
