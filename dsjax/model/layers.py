@@ -1,5 +1,7 @@
-"""The two small building blocks every layer uses: RMSNorm and the SwiGLU MLP."""
+"""The small building blocks every layer uses: RMSNorm, a dense projection and the SwiGLU MLP."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +16,65 @@ def rms_norm(weight: jnp.ndarray, x: jnp.ndarray, eps: float) -> jnp.ndarray:
     return weight.astype(dtype) * xf.astype(dtype)
 
 
+def dense(x: jnp.ndarray, w: jnp.ndarray, out_dtype=None) -> jnp.ndarray:
+    """x [..., in] @ w [in, out] (accumulated and returned in out_dtype, default x's), with a
+    hand-written VJP that takes the weight gradient as (dy^T x)^T: XLA:CPU transposes the second
+    operand of a weight-gradient dot, and dy is usually a fusion of elementwise work (softmax, norm or
+    silu derivatives) that it then recomputes in a strided, transposed loop, where x is a plain array.
+    lm head + cross-entropy fwd+bwd at cpu_bench shapes: 47 -> 37 ms; an MLA layer 68 -> 63 ms."""
+    return _dense(x, w, jnp.dtype(out_dtype or x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x, w, out_dtype):
+    return jnp.dot(x, w, preferred_element_type=out_dtype)
+
+
+def _dense_fwd(x, w, out_dtype):
+    return _dense(x, w, out_dtype), (x, w)
+
+
+def _dense_bwd(out_dtype, res, dy):
+    x, w = res
+    dx = jnp.dot(dy, w.T.astype(dy.dtype)).astype(x.dtype)
+    return dx, _weight_grad(x.astype(dy.dtype), dy).astype(w.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _weight_grad(x, dy):
+    """sum over rows of x^T dy for x [..., in], dy [..., out] -> [in, out]."""
+    rows = lambda a: a.reshape(-1, a.shape[-1])
+    return (rows(dy).T @ rows(x)).T
+
+
 def swiglu(params: dict, x: jnp.ndarray) -> jnp.ndarray:
     """down(silu(gate(x)) * up(x)); kernels are [in, out]."""
     dt = x.dtype
-    g = x @ params["gate_proj"].astype(dt)
-    u = x @ params["up_proj"].astype(dt)
-    return (jax.nn.silu(g) * u) @ params["down_proj"].astype(dt)
+    return _swiglu(params["gate_proj"].astype(dt), params["up_proj"].astype(dt), params["down_proj"].astype(dt), x)
+
+
+@jax.custom_vjp
+def _swiglu(wg, wu, wd, x):
+    return _swiglu_fwd(wg, wu, wd, x)[0]
+
+
+def _swiglu_fwd(wg, wu, wd, x):
+    g, u = x @ wg, x @ wu
+    return (jax.nn.silu(g) * u) @ wd, (wg, wu, wd, x, g, u)
+
+
+def _swiglu_bwd(res, dy):
+    # Written out because XLA:CPU fuses autodiff's silu derivative into a transposed copy feeding the
+    # weight-gradient dots (a strided, unvectorised loop): 83 -> 51 ms fwd+bwd at [4096, 256] x 512.
+    wg, wu, wd, x, g, u = res
+    s = jax.nn.sigmoid(g)
+    sg = g * s  # silu(g)
+    dh = dy @ wd.T
+    dg = dh * u * (s + sg * (1 - s))  # silu'(g) = s + g s (1 - s)
+    du = dh * sg
+    return _weight_grad(x, dg), _weight_grad(x, du), _weight_grad(sg * u, dy), dg @ wg.T + du @ wu.T
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.model.layers import rms_norm
+from dsjax.model.layers import dense, rms_norm
 from dsjax.model.rope import apply_rope
 
 
@@ -20,15 +20,16 @@ def project_q(p: dict, x: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
     """Queries before RoPE: [batch, seq, heads, qk_head_dim]."""
     dt = x.dtype
     if cfg.q_lora_rank is None:
-        q = x @ p["q_proj"].astype(dt)
+        q = dense(x, p["q_proj"].astype(dt))
     else:
-        q = rms_norm(p["q_a_layernorm"], x @ p["q_a_proj"].astype(dt), cfg.rms_norm_eps) @ p["q_b_proj"].astype(dt)
+        q_a = rms_norm(p["q_a_layernorm"], dense(x, p["q_a_proj"].astype(dt)), cfg.rms_norm_eps)
+        q = dense(q_a, p["q_b_proj"].astype(dt))
     return q.reshape(*x.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
 
 
 def project_latent(p: dict, x: jnp.ndarray, cos, sin, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
     """What the MLA cache stores per token: normalised latent c [b, s, kv_lora] and roped key [b, s, rope]."""
-    kv_a = x @ p["kv_a_proj_with_mqa"].astype(x.dtype)  # [b, s, kv_lora + rope]
+    kv_a = dense(x, p["kv_a_proj_with_mqa"].astype(x.dtype))  # [b, s, kv_lora + rope]
     c = rms_norm(p["kv_a_layernorm"], kv_a[..., : cfg.kv_lora_rank], cfg.rms_norm_eps)
     k_pe = apply_rope(kv_a[..., None, cfg.kv_lora_rank:], cos, sin)[:, :, 0]
     return c, k_pe
@@ -135,7 +136,7 @@ def mla(p: dict, x: jnp.ndarray, cos, sin, segment_ids, cfg: ModelConfig) -> jnp
     h = cfg.num_attention_heads
     q_nope, q_pe = rope_query(project_q(p, x, cfg), cos, sin, cfg)
     c, k_pe = project_latent(p, x, cos, sin, cfg)
-    kv = (c @ p["kv_b_proj"].astype(x.dtype)).reshape(b, s, h, cfg.qk_nope_head_dim + cfg.v_head_dim)
+    kv = dense(c, p["kv_b_proj"].astype(x.dtype)).reshape(b, s, h, cfg.qk_nope_head_dim + cfg.v_head_dim)
     k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
     q = jnp.concatenate([q_nope, q_pe], axis=-1)  # [b, s, h, qk_head_dim]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (b, s, h, cfg.qk_rope_head_dim))], axis=-1)
@@ -143,7 +144,7 @@ def mla(p: dict, x: jnp.ndarray, cos, sin, segment_ids, cfg: ModelConfig) -> jnp
         o = _pallas_attention(q, k, v, segment_ids, cfg)
     else:
         o = dot_attention(q, k, v, segment_ids, cfg.softmax_scale)
-    return o.reshape(b, s, h * cfg.v_head_dim) @ p["o_proj"].astype(x.dtype)
+    return dense(o.reshape(b, s, h * cfg.v_head_dim), p["o_proj"].astype(x.dtype))
 
 
 def _pallas_attention(q, k, v, segment_ids, cfg: ModelConfig) -> jnp.ndarray:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.model.layers import rms_norm, swiglu
+from dsjax.model.layers import dense, rms_norm, swiglu
 from dsjax.model.mla import mla
 from dsjax.model.moe import moe
 from dsjax.model.rope import rope_tables
@@ -44,7 +44,7 @@ def _scan_blocks(stacked: dict, x, cos, sin, segment_ids, token_mask, cfg: Model
 
 def head(params, h, cfg: ModelConfig):
     """Logits in float32 from normalised hidden states h [b, s, hidden]."""
-    return jnp.dot(h, params["lm_head"].astype(h.dtype), preferred_element_type=jnp.float32)
+    return dense(h, params["lm_head"].astype(h.dtype), jnp.float32)
 
 
 def embed(params, tokens, cfg: ModelConfig):
