@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.model.layers import swiglu
+from dsjax.model.layers import swiglu, vary_together
 
 
 def route(p_gate: dict, x: jnp.ndarray, cfg: ModelConfig):
@@ -199,7 +199,8 @@ def _experts_blocked(p, x, w, idx, cfg):
     row_token = jnp.full((rows,), t, jnp.int32).at[dest].set((order // k).astype(jnp.int32))  # t: zero row
     dt = x.dtype
     xb = _take_rows(x, row_token, assign_row.reshape(t, k)).reshape(num_blocks, bs, -1)
-    y = _block_mlp(p["gate_proj"].astype(dt), p["up_proj"].astype(dt), p["down_proj"].astype(dt), xb, block_expert, e)
+    weights = (p["gate_proj"].astype(dt), p["up_proj"].astype(dt), p["down_proj"].astype(dt))
+    y = _block_mlp(*vary_together(*weights, xb), block_expert, e)
     yk = _take_rows(y.reshape(rows, -1), assign_row, row_assign[:, None]).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", yk, w.astype(dt))
 

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
 from dsjax.model import moe as moe_lib
+from dsjax.model.layers import varying_axes
 
 EXPERT_AXIS = "expert"
 _TOKEN_AXES = ("dcn", "data", "fsdp", "expert")
@@ -179,6 +180,5 @@ def _ragged(xs, send, send_off, m, mine, recv, me, p, *, cfg, n, cap):
 def _like(x, shape):
     """A zero output buffer that varies over the same manual mesh axes as x (shard_map's type check)."""
     z = jnp.zeros(shape, x.dtype)
-    aval = jax.typeof(x)
-    vma = tuple(getattr(aval, "vma", None) or getattr(getattr(aval, "mat", None), "varying", ()))
+    vma = tuple(sorted(varying_axes(x)))
     return jax.lax.pcast(z, vma, to="varying") if vma else z
