@@ -53,8 +53,9 @@ def attention_mask(seq_q: int, seq_k: int, segment_ids: jnp.ndarray | None, offs
 
 def _query_block(seq: int) -> int:
     """Query rows per block of the causal attention: enough blocks (<= 16) to skip most of the masked
-    upper triangle, big enough to keep the matmuls efficient."""
-    return max(64, -(-seq // 16))
+    upper triangle, big enough to keep the matmuls efficient and the per-block slicing few. An MLA
+    layer fwd+bwd at 8 x 512 on CPU: blocks of 32 rows 85 ms, 64 62 ms, 128 51 ms, 256 65 ms, 512 86 ms."""
+    return max(128, -(-seq // 16))
 
 
 def dot_attention(q, k, v, segment_ids, scale: float, block_q: int | None = None) -> jnp.ndarray:
