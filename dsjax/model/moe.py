@@ -106,16 +106,6 @@ def _pallas_gmm(interpret):
     return lambda lhs, rhs, gs: gmm(lhs, rhs, gs, impl="pallas", interpret=interpret)
 
 
-@jax.custom_vjp
-def _take_rows(x, idx, readers):
-    """x[idx] over rows (idx == len(x) reads a zero row) whose transpose is a gather too.
-
-    readers [len(x), m]: the output rows that read each row of x (m per row; len(idx) = none).
-    The plain gather's transpose is a scatter-add, which XLA:CPU runs as a serial loop; with the
-    readers known (the routing is a permutation), dx is a gather and a sum instead."""
-    return _gather_rows(x, idx)
-
-
 def _gather_rows(x, idx):
     """x[idx] for idx in [0, len(x)], len(x) reading a zero row (appended: "fill" mode costs a select
     over the whole output)."""
@@ -131,15 +121,48 @@ def _rows(x, idx):
                           mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def _take_rows_fwd(x, idx, readers):
-    return _take_rows(x, idx, readers), readers
+def _swiglu_batched(wg, wu, wd, x):
+    """SwiGLU per batch entry n: x [n, rows, hidden], wg/wu [n, hidden, inter], wd [n, inter, hidden]
+    -> (y [n, rows, hidden], and the gate and up activations g, u [n, rows, inter])."""
+    g = jnp.einsum("nbd,ndf->nbf", x, wg)
+    u = jnp.einsum("nbd,ndf->nbf", x, wu)
+    return jnp.einsum("nbf,nfd->nbd", jax.nn.silu(g) * u, wd), g, u
 
 
-def _take_rows_bwd(readers, g):
-    return _gather_rows(g, readers.reshape(-1)).reshape(*readers.shape, -1).sum(1), None, None  # len(idx): nobody
+def _swiglu_batched_grads(wg, wu, wd, x, g, u, dy):
+    """The VJP of _swiglu_batched -> per-entry weight gradients (dwg, dwu, dwd) and dx. Written out (as
+    layers.swiglu's) so that XLA:CPU gets each product once, with no fused transposed copies."""
+    h, dg, du = swiglu_hidden_grads(g, u, jnp.einsum("nbd,nfd->nbf", dy, wd))
+    dx = jnp.einsum("nbf,ndf->nbd", dg, wg) + jnp.einsum("nbf,ndf->nbd", du, wu)
+    return (jnp.einsum("nbd,nbf->ndf", x, dg), jnp.einsum("nbd,nbf->ndf", x, du),
+            jnp.einsum("nbf,nbd->nfd", h, dy), dx)
 
 
-_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+def _flat(a):
+    """[n, rows, width] -> [n * rows, width]. Residuals are saved flat: the capacity and blocked
+    branches of a lax.cond then share residual slots (JAX merges them by shape) when their row counts
+    agree, instead of each zero-filling the other's."""
+    return a.reshape(-1, a.shape[-1])
+
+
+@jax.custom_vjp
+def _capacity_mlp(wg, wu, wd, xc):
+    """The experts' SwiGLU on a [experts, capacity, hidden] buffer (expert e's rows in slot e)."""
+    return _swiglu_batched(wg, wu, wd, xc)[0]
+
+
+def _capacity_mlp_fwd(wg, wu, wd, xc):
+    y, g, u = _swiglu_batched(wg, wu, wd, xc)
+    return y, (wg, wu, wd, _flat(xc), _flat(g), _flat(u))
+
+
+def _capacity_mlp_bwd(res, dy):
+    wg, wu, wd, x, g, u = res
+    x, g, u = (a.reshape(*dy.shape[:2], -1) for a in (x, g, u))
+    return _swiglu_batched_grads(wg, wu, wd, x, g, u, dy)
+
+
+_capacity_mlp.defvjp(_capacity_mlp_fwd, _capacity_mlp_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -149,56 +172,118 @@ def _block_mlp(wg, wu, wd, xb, block_expert, num_experts: int):
     return _block_mlp_fwd(wg, wu, wd, xb, block_expert, num_experts)[0]
 
 
+def _block_weights(wg, wu, wd, block_expert):
+    return _rows(wg, block_expert), _rows(wu, block_expert), _rows(wd, block_expert)  # [blocks, in, out]
+
+
 def _block_mlp_fwd(wg, wu, wd, xb, block_expert, num_experts: int):
-    wgb, wub, wdb = _rows(wg, block_expert), _rows(wu, block_expert), _rows(wd, block_expert)  # [blocks, in, out]
-    g = jnp.einsum("nbd,ndf->nbf", xb, wgb)
-    u = jnp.einsum("nbd,ndf->nbf", xb, wub)
-    y = jnp.einsum("nbf,nfd->nbd", jax.nn.silu(g) * u, wdb)
-    return y, (wgb, wub, wdb, xb, g, u, block_expert)
+    y, g, u = _swiglu_batched(*_block_weights(wg, wu, wd, block_expert), xb)
+    # The per-block weights are gathered again in the backward pass rather than saved: the capacity
+    # branch (the usual one on CPU) would zero-fill them as residuals in every forward pass.
+    return y, (wg, wu, wd, _flat(xb), _flat(g), _flat(u), block_expert)
 
 
 def _block_mlp_bwd(num_experts: int, res, dy):
-    # Written out (as layers.swiglu's) so that XLA:CPU gets each product once, with no fused
-    # transposed copies; the per-block weight gradients add up per expert in a sorted segment sum.
-    # Expert MLP fwd+bwd at cpu_bench shapes (80 blocks of 256 rows): 120 -> 106 ms.
-    wgb, wub, wdb, xb, g, u, block_expert = res
-    h, dg, du = swiglu_hidden_grads(g, u, jnp.einsum("nbd,nfd->nbf", dy, wdb))
-    dx = jnp.einsum("nbf,ndf->nbd", dg, wgb) + jnp.einsum("nbf,ndf->nbd", du, wub)
+    # The per-block weight gradients add up per expert in a sorted segment sum.
+    wg, wu, wd, x, g, u, block_expert = res
+    x, g, u = (a.reshape(*dy.shape[:2], -1) for a in (x, g, u))
+    *dws, dx = _swiglu_batched_grads(*_block_weights(wg, wu, wd, block_expert), x, g, u, dy)
     per_expert = lambda a: jax.ops.segment_sum(a, block_expert, num_experts, indices_are_sorted=True)
-    return (per_expert(jnp.einsum("nbd,nbf->ndf", xb, dg)), per_expert(jnp.einsum("nbd,nbf->ndf", xb, du)),
-            per_expert(jnp.einsum("nbf,nbd->nfd", h, dy)), dx, None)
+    return (*map(per_expert, dws), dx, None)
 
 
 _block_mlp.defvjp(_block_mlp_fwd, _block_mlp_bwd)
 
 
-def _experts_blocked(p, x, w, idx, cfg):
+def _through_rows(x, w, dest, rows: int, mlp):
+    """Run `mlp` on a [rows, hidden] buffer holding assignment a (token a // K, slot a % K) in row
+    dest[a] and zero-cotangent padding elsewhere; add each token's K outputs weighted by w [T, K]
+    -> [T, hidden]."""
+    (t, k), n = w.shape, dest.shape[0]
+    # XLA:CPU fuses index arithmetic into the gather that reads it, and such a gather ran 7x slower
+    # on 2 threads (20480 x 256 rows, measured alone: 5.4 vs 0.7 ms): every gather index is
+    # materialised first, by a scatter or a barrier.
+    assign_row = jax.lax.optimization_barrier(dest.astype(jnp.int32))
+    a = jnp.arange(n, dtype=jnp.int32)
+    row_assign = jnp.full((rows,), n, jnp.int32).at[assign_row].set(a)  # n: padding
+    # Padding rows copy token 0 rather than a zero row (which costs a select per element gathered):
+    # their outputs are never read, so their cotangents are zero and they add nothing to any gradient.
+    row_token = jnp.zeros((rows,), jnp.int32).at[assign_row].set(a // k)
+    y = mlp(_take_rows(x, row_token, assign_row.reshape(t, k), False))
+    yk = _take_rows(y, assign_row, row_assign[:, None], True).reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", yk, w.astype(yk.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _take_rows(x, idx, readers, some_unread: bool):
+    """x[idx] over rows (idx in range) whose transpose is a gather too.
+
+    readers [len(x), m]: the output rows that read each row of x (m per row; len(idx) = none, which
+    only occurs when `some_unread`). The plain gather's transpose is a scatter-add, which XLA:CPU runs
+    as a serial loop; with the readers known (the routing is a permutation), dx is a gather and a sum."""
+    return _rows(x, idx)
+
+
+def _take_rows_fwd(x, idx, readers, some_unread: bool):
+    return _rows(x, idx), readers
+
+
+def _take_rows_bwd(some_unread: bool, readers, g):
+    take = _gather_rows if some_unread else _rows
+    return take(g, readers.reshape(-1)).reshape(*readers.shape, -1).sum(1), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _num_blocks(num_assignments: int, cfg: ModelConfig) -> int:
+    """Static upper bound on the blocks of the blocked path: each expert pads to a whole block."""
+    bs = cfg.moe_block_size
+    return -(-(num_assignments + cfg.n_routed_experts * (bs - 1)) // bs)
+
+
+def expert_capacity(num_assignments: int, cfg: ModelConfig) -> int:
+    """Rows per expert of the blocked path's capacity buffer: its row budget split evenly over the
+    experts (so both buffers have the same rows and, under the lax.cond, share residual slots)."""
+    return _num_blocks(num_assignments, cfg) * cfg.moe_block_size // cfg.n_routed_experts
+
+
+def _experts_blocked(p, x, w, idx, cfg, capacity: bool = True):
+    """Dropless experts on buffers of rows grouped by expert (in token order within an expert).
+
+    With `capacity`, when no expert has more rows than the blocked buffer divided evenly over the
+    experts (C = rows // E), the rows go to a [E, C] buffer: one batched-matmul entry per expert, no
+    per-block weight gathers. Otherwise, exactly, to blocks of moe_block_size rows. Expert MLP
+    fwd+bwd at cpu_bench shapes: [16 x 1280] 80 ms vs 80 blocks of 256 rows 106 ms."""
     t, k = idx.shape
     e, bs = cfg.n_routed_experts, cfg.moe_block_size
     n = t * k
-    order, sorted_e, group_sizes = _sort_by_expert(idx, e)
-    padded = (group_sizes + bs - 1) // bs * bs
-    pad_end = jnp.cumsum(padded)
-    pad_start = pad_end - padded
-    start = jnp.cumsum(group_sizes) - group_sizes
-    dest = pad_start[sorted_e] + (jnp.arange(n) - start[sorted_e])  # row of each sorted assignment
-    num_blocks = -(-(n + e * (bs - 1)) // bs)  # static upper bound on padded blocks
+    flat = idx.reshape(-1)
+    onehot = jax.nn.one_hot(flat, e, dtype=jnp.int32)  # [T*K, E]
+    group_sizes = onehot.sum(0)
+    # Place of each assignment among its expert's: a cumulative count, where a stable sort by expert
+    # cost 3.1 vs 0.8 ms at cpu_bench shapes.
+    rank = ((jnp.cumsum(onehot, axis=0) - onehot) * onehot).sum(1)
+    num_blocks = _num_blocks(n, cfg)
     rows = num_blocks * bs
-    block_expert = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(num_blocks) * bs, side="right"), e - 1)
-    # Assignment a = token * k + slot. row_assign: the assignment in each padded row (n = padding);
-    # assign_row: the row of each assignment. Both directions are gathers, forward and backward.
-    row_assign = jnp.full((rows,), n, jnp.int32).at[dest].set(order.astype(jnp.int32))
-    assign_row = jnp.zeros((n,), jnp.int32).at[order].set(dest.astype(jnp.int32))
-    # Every gather index comes straight out of a scatter: XLA:CPU fuses index arithmetic into the
-    # gather that reads it, and such a gather ran 7x slower on 2 threads (20480 x 256 rows, measured
-    # alone: 5.4 vs 0.7 ms).
-    row_token = jnp.full((rows,), t, jnp.int32).at[dest].set((order // k).astype(jnp.int32))  # t: zero row
     dt = x.dtype
-    xb = _take_rows(x, row_token, assign_row.reshape(t, k)).reshape(num_blocks, bs, -1)
-    weights = (p["gate_proj"].astype(dt), p["up_proj"].astype(dt), p["down_proj"].astype(dt))
-    y = _block_mlp(*vary_together(*weights, xb), block_expert, e)
-    yk = _take_rows(y.reshape(rows, -1), assign_row, row_assign[:, None]).reshape(t, k, -1)
-    return jnp.einsum("tkd,tk->td", yk, w.astype(dt))
+    weights = vary_together(p["gate_proj"].astype(dt), p["up_proj"].astype(dt), p["down_proj"].astype(dt), x)
+
+    def blocked(wg, wu, wd, x):
+        padded = (group_sizes + bs - 1) // bs * bs
+        pad_end = jnp.cumsum(padded)
+        block_expert = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(num_blocks) * bs, side="right"), e - 1)
+        mlp = lambda xr: _block_mlp(wg, wu, wd, xr.reshape(num_blocks, bs, -1), block_expert, e).reshape(rows, -1)
+        return _through_rows(x, w, (pad_end - padded)[flat] + rank, rows, mlp)
+
+    cap = expert_capacity(n, cfg)
+    if capacity and cap > 0:
+        def by_capacity(wg, wu, wd, x):
+            mlp = lambda xr: _capacity_mlp(wg, wu, wd, xr.reshape(e, cap, -1)).reshape(e * cap, -1)
+            return _through_rows(x, w, flat * cap + rank, e * cap, mlp)
+
+        return jax.lax.cond(group_sizes.max() <= cap, by_capacity, blocked, *weights)
+    return blocked(*weights)
 
 
 def routed_experts(p: dict, x: jnp.ndarray, w, idx, cfg: ModelConfig) -> jnp.ndarray:

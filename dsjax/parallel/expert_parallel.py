@@ -131,7 +131,7 @@ def _local_experts(p, rows, ids, cfg: ModelConfig, el: int):
     wts = valid[:, None].astype(jnp.float32)
     if cfg.moe_impl == "dense":
         return moe_lib._experts_dense(p, rows, wts, safe, lcfg)
-    return moe_lib._experts_blocked(p, rows, wts, safe, lcfg)
+    return moe_lib._experts_blocked(p, rows, wts, safe, lcfg, capacity=False)  # padding loads the last expert
 
 
 def _segment_ids(sizes, total: int, el: int):

@@ -65,13 +65,18 @@ def make_train_step(model_cfg, tcfg):
     def train_step(state: TrainState, batch):
         grads, m = grads_and_metrics(state.params, batch)
         gnorm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         load = m.pop("expert_load", None)
-        params = apply_bias_updates(params, load, tcfg.bias_gamma, model_cfg)
+
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return apply_bias_updates(params, load, tcfg.bias_gamma, model_cfg), opt_state
+
         finite = jnp.isfinite(m["loss"]) & jnp.isfinite(gnorm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), state.rng)
+        # A non-finite step leaves params and optimizer state as they were. A cond, not a select per
+        # element: that was one more pass over every parameter and moment (25 of 55 ms at cpu_bench).
+        params, opt_state = jax.lax.cond(finite, update, lambda *s: s, state.params, state.opt_state)
+        new = TrainState(state.step + 1, params, opt_state, state.rng)
         m.update(grad_norm=gnorm, lr=sched(state.step), finite=finite)
         if load is not None:
             m["expert_load_max_over_mean"] = load_max_over_mean(load)

@@ -57,3 +57,21 @@ def test_blocked_experts_mlp_vjp_equals_autodiff():
     for a, b in zip(grads, want_grads):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(grads[0][1]).max()) == 0.0  # the blockless expert: exactly zero gradient
+
+
+def test_capacity_experts_mlp_vjp_equals_autodiff():
+    rng = np.random.default_rng(4)
+    e, d, f, cap = 3, 8, 6, 5
+    wg, wu = (jnp.asarray(rng.standard_normal((e, d, f)) * 0.3, jnp.float32) for _ in range(2))
+    wd = jnp.asarray(rng.standard_normal((e, f, d)) * 0.3, jnp.float32)
+    xc = jnp.asarray(rng.standard_normal((e, cap, d)), jnp.float32)
+
+    def plain(wg, wu, wd, xc):
+        return jnp.einsum("ecf,efd->ecd", jax.nn.silu(jnp.einsum("ecd,edf->ecf", xc, wg)) *
+                          jnp.einsum("ecd,edf->ecf", xc, wu), wd)
+
+    want, want_grads, ct = _autodiff(plain, wg, wu, wd, xc)
+    got, vjp = jax.vjp(moe._capacity_mlp, wg, wu, wd, xc)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(vjp(ct), want_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ import pytest
 from dsjax.config import ModelConfig, RopeScaling, load_config
 from dsjax.model.layers import rms_norm
 from dsjax.model.mla import mla
-from dsjax.model.moe import moe, route
+from dsjax.model.moe import expert_capacity, moe, route
 from dsjax.model.params import abstract_params
 from dsjax.model.rope import apply_rope, inv_frequencies, rope_tables, yarn_correction_range
 from dsjax.model.transformer import block, forward
@@ -353,11 +353,13 @@ def _moe_impls():
     return impls
 
 
-def test_moe_paths_agree_with_uneven_loads_and_empty_experts():
-    cfg = FWD.replace(n_group=1, topk_group=1, moe_block_size=4, kernel_interpret=True)
+@pytest.mark.parametrize("skewed", [True, False], ids=["blocks", "capacity"])
+def test_moe_paths_agree_with_uneven_loads_and_empty_experts(skewed):
+    cfg = FWD.replace(n_group=1, topk_group=1, moe_block_size=4 if skewed else 8, kernel_interpret=True)
     p = jax.tree.map(lambda a: a[0], _params(cfg, 5)["moe_layers"]["mlp"])
-    # experts 6 and 7 can never win; expert 0 wins almost always: loads are uneven, two experts empty
-    p["gate"]["e_score_correction_bias"] = jnp.array([0.5, 0, 0, 0, 0, 0, -10, -10], jnp.float32)
+    # experts 6 and 7 can never win; skewed: expert 0 wins almost always (more rows than the blocked
+    # path's capacity buffer holds, so it takes blocks); else loads fit the capacity buffer (one exactly).
+    p["gate"]["e_score_correction_bias"] = jnp.array([0.5 if skewed else 0, 0, 0, 0, 0, 0, -10, -10], jnp.float32)
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.standard_normal((2, 11, cfg.hidden_size)), jnp.float32)
     r = jnp.asarray(rng.standard_normal((2, 11, cfg.hidden_size)), jnp.float32)
@@ -372,7 +374,9 @@ def test_moe_paths_agree_with_uneven_loads_and_empty_experts():
         (_, (y, load)), grads = jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, c), (0, 1), has_aux=True))(p, x)
         results[impl] = (y, grads, load)
     load = np.asarray(results["dense"][2])
-    assert load[6] == load[7] == 0 and load[0] == 22 and load.sum() == 44 and len(set(load[:6].tolist())) > 2, load
+    assert load[6] == load[7] == 0 and load.sum() == 44 and len(set(load[:6].tolist())) > 2, load
+    cap = expert_capacity(44, cfg)
+    assert (load[0] == 22 and load.max() > cap) if skewed else load.max() == cap, (load, cap)
     y_ref, g_ref, _ = results["dense"]
     assert float(jnp.abs(y_ref).max()) > 0.01
     for impl, (y, g, _) in results.items():
