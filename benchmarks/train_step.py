@@ -30,7 +30,7 @@ from dsjax.config import load_config  # noqa: E402
 from dsjax.model.params import init_params  # noqa: E402
 from dsjax.train.config import TrainConfig  # noqa: E402
 from dsjax.train.metrics import device_peak, train_flops_per_token  # noqa: E402
-from dsjax.train.step import init_state, make_train_step  # noqa: E402
+from dsjax.train.step import init_state, jit_step, make_train_step  # noqa: E402
 
 
 def _batches(cfg, batch, seq, n, seed=0):
@@ -42,7 +42,7 @@ def bench_dsjax(cfg, batch, seq, steps, moe_impl, dtype="float32", attention_imp
     cfg = cfg.replace(moe_impl=moe_impl, dtype=dtype, attention_impl=attention_impl)
     tcfg = TrainConfig(model=cfg, batch_size=batch, seq_len=seq, lr=1e-3, warmup_steps=1, mtp_lambda=0.0)
     state = init_state(init_params(cfg, 0), tcfg)
-    step = jax.jit(make_train_step(cfg, tcfg), donate_argnums=0)
+    step = jit_step(make_train_step(cfg, tcfg), donate_argnums=0)
     data = [{"tokens": t} for t in _batches(cfg, batch, seq, steps + 1)]
     t0 = time.perf_counter()
     state, m = step(state, data[0])

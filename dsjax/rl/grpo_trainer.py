@@ -30,6 +30,7 @@ from dsjax.rl.rollout import (PROMPT_STYLES, decode_completions, encode_prompt, 
                               sample_completions)
 from dsjax.rl.sft import FINAL_DIR, _check_positive, config_to_yaml, load_policy
 from dsjax.rl.toy_task import check_max_value, make_problems
+from dsjax.train.step import jit_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +244,7 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, model=None, ref_model=None, pr
         if verbose:
             print(f"grpo: resumed from {ckpt.directory}/{start}", file=sys.stderr)
     logger = MetricsLogger(workdir, start)
-    update = jax.jit(make_update(cfg, gcfg), donate_argnums=0)
+    update = jit_step(make_update(cfg, gcfg), donate_argnums=0)
     logp = logprob_fn(cfg, float(gcfg.temperature))
     order_rng = np.random.default_rng([gcfg.seed, 7])
     rows: list[dict] = []

@@ -35,6 +35,7 @@ from dsjax.infer.chat import THINK_CLOSE, markers_for
 from dsjax.model.mtp import shifted
 from dsjax.model.transformer import forward
 from dsjax.rl.toy_task import check_max_value, toy_chat_examples
+from dsjax.train.step import jit_step
 
 FINAL_DIR = "final"  # a post-training workdir's final model (native checkpoint), what load_policy picks up
 
@@ -472,7 +473,7 @@ def sft(scfg: SFTConfig, workdir: str, *, examples: Sequence[Sequence[Mapping[st
         if verbose:
             print(f"sft: resumed from {ckpt.directory}/{start}", file=sys.stderr)
     logger = MetricsLogger(workdir, start)
-    step_fn = jax.jit(make_sft_step(cfg, scfg), donate_argnums=0)
+    step_fn = jit_step(make_sft_step(cfg, scfg), donate_argnums=0)
     rows, t0, toks = [], time.perf_counter(), 0
     try:
         for step in range(start + 1, scfg.steps + 1):

@@ -19,7 +19,7 @@ from dsjax.model.params import init_params
 from dsjax.train.checkpointing import Checkpointer, abstract_of
 from dsjax.train.config import TrainConfig, to_yaml
 from dsjax.train.metrics import MetricsLogger, device_peak, train_flops_per_token
-from dsjax.train.step import init_state, make_eval_step, make_train_step
+from dsjax.train.step import init_state, jit_step, make_eval_step, make_train_step
 
 
 class TrainingError(RuntimeError):
@@ -114,8 +114,8 @@ def _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset, st
         if main:
             print(f"resumed from {ckpt.directory}/{start}", file=sys.stderr)
     logger = MetricsLogger(workdir, start, enabled=main)
-    step_fn = jax.jit(make_train_step(mcfg, tcfg), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(mcfg, tcfg))
+    step_fn = jit_step(make_train_step(mcfg, tcfg), donate_argnums=0)
+    eval_fn = jit_step(make_eval_step(mcfg, tcfg))
     flops_tok = train_flops_per_token(mcfg, tcfg.seq_len, tcfg.mtp_lambda > 0)
     peak = device_peak(tcfg) * len(jax.devices())
     bar = None

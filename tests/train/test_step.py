@@ -12,7 +12,7 @@ from dsjax.train.balance import load_max_over_mean, update_bias
 from dsjax.train.config import TrainConfig
 from dsjax.train.loss import balance_loss, loss_fn
 from dsjax.train.optim import lr_schedule
-from dsjax.train.step import init_state, make_train_step
+from dsjax.train.step import compiler_options, init_state, jit_step, make_train_step
 
 TINY = dsjax.load_config("tiny").replace(num_hidden_layers=2)
 
@@ -123,8 +123,26 @@ def test_non_finite_loss_leaves_state_unchanged():
     state = init_state(params, t)
     new, m = jax.jit(make_train_step(TINY, t))(state, b)
     assert not bool(m["finite"])
-    for a, c in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+    for a, c in zip(jax.tree.leaves((new.params, new.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_cpu_compiler_options_keep_the_step_and_yield_to_xla_flags(monkeypatch):
+    opts = compiler_options("cpu")
+    assert opts == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+    assert compiler_options("gpu") is None and compiler_options("tpu") is None
+    t = TrainConfig(model=TINY, batch_size=4, seq_len=32, steps=10)
+    state, b = init_state(init_params(TINY, 0), t), _batch()
+    want = jax.jit(make_train_step(TINY, t))(state, b)
+    got = jit_step(make_train_step(TINY, t))(state, b)
+    for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+    compiler_options.cache_clear()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    try:
+        assert compiler_options("cpu") is None  # the user's own setting wins
+    finally:
+        compiler_options.cache_clear()
 
 
 def test_lr_schedule_shape():
