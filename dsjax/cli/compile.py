@@ -1,6 +1,12 @@
 """`dsjax compile --config PATH --topology v5p-512 [key=value ...]`: AOT-compile the training step
-for a TPU topology on this machine (needs libtpu, no TPU) and report per-chip memory, FLOPs per step
-and the MFU XLA's estimate implies. Exit status 0 when the step fits in HBM, 3 when it does not.
+for a TPU topology on this machine (needs libtpu, no TPU) and report per-chip memory against the
+limit XLA applies, the largest buffers live at the memory peak, FLOPs per step and an estimated step
+time and MFU (a roofline from the compiled program: launch/README.md). Exit status 0 when the step
+fits in HBM, 3 when it does not, 2 on a user error.
+
+--max-batch searches batch_size (doubling, then bisection, in multiples of the mesh's batch axes)
+and ends with `max batch: B sequences x S tokens = N tokens per chip`; exit 3 if not even the
+smallest batch fits. mesh.dcn=N compiles for N slices of the topology joined over DCN.
 
 Topologies: v5p-N (N TensorCores, 2 per chip), v6e-N (N chips), or a shape like v5p:4x8x8.
 Overrides as for `dsjax train`: mesh.fsdp=32 mesh.expert=8 batch_size=256 seq_len=4096 model.remat_policy=full.
@@ -41,7 +47,17 @@ def run(args) -> int:
     tcfg = load_train_config(args.config, overrides)
     if not _given(args.config, overrides, "seq_len"):
         tcfg = dataclasses.replace(tcfg, seq_len=min(args.seq_len, tcfg.model.max_position_embeddings))
-    rep = aot.compile_report(tcfg, topo)
+    if args.max_batch:
+        start = tcfg.batch_size if _given(args.config, overrides, "batch_size") else None
+        best, rep = aot.max_batch(tcfg, topo, progress=lambda m: print(m, flush=True), start=start)
+        print(rep.text())
+        if not best:
+            print(f"max batch: none fits (the smallest batch, {rep.batch} sequences, does not)")
+            return EXIT_DOES_NOT_FIT
+        print(f"max batch: {best} sequences x {tcfg.seq_len} tokens = {best * tcfg.seq_len / rep.topology.chips:.0f} "
+              f"tokens per chip (batch_size={best})")
+        return 0
+    rep = aot.compile_report(tcfg, topo, buffers=args.buffers)
     print(rep.text())
     return 0 if rep.fits else EXIT_DOES_NOT_FIT
 
@@ -52,5 +68,8 @@ def register(sub, help_):
     p.add_argument("--topology", required=True, help="v5p-N, v6e-N, or v5p:AxBxC / v6e:AxB")
     p.add_argument("--per-chip-batch", type=int, default=1, help="sequences per chip when batch_size is not given")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence when seq_len is not given")
+    p.add_argument("--max-batch", action="store_true", help="search the largest batch_size that fits")
+    p.add_argument("--buffers", type=int, default=15,
+                   help="list this many of the largest buffers live at the memory peak (0: skip the dump)")
     p.add_argument("overrides", nargs="*", help="key=value, model.key=value, mesh.key=value")
     p.set_defaults(func=run)

@@ -4,8 +4,10 @@
 (`jax.experimental.topologies`), lays the mesh over them, describes the train state and batch as
 sharded `jax.ShapeDtypeStruct`s (nothing is materialised: 671B parameters never exist here), lowers
 and compiles `dsjax.train.step.make_train_step`, and reports per-chip memory from XLA's
-`memory_analysis()` (reliable), FLOPs per step computed analytically (XLA's cost analysis counts a
-scanned layer once, SPEC.md section 8), XLA's own time estimate, and the MFU that estimate implies.
+`memory_analysis()` (reliable), the largest buffers live at the peak (dsjax.parallel.memory_peak,
+from XLA's buffer-assignment dump), FLOPs per step computed analytically (XLA's cost analysis counts
+a scanned layer once), and a roofline step time from the optimised program's HBM and collective
+bytes (dsjax.parallel.hlo_stats, dsjax.parallel.step_time). `max_batch` searches the batch size.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import dataclasses
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 
 import jax
@@ -24,24 +28,44 @@ GB = 1e9
 GiB = 2**30
 
 
+def human_bytes(x: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if x >= size:
+            return f"{x / size:.2f} {unit}"
+    return f"{x:.0f} B"
+
+
 @dataclasses.dataclass(frozen=True)
 class Chip:
     name: str
-    hbm_bytes: float  # per chip (SPEC.md section 8)
+    hbm_bytes: float  # what a program may use per chip: the limit XLA's compiler applies (below)
     peak_flops: float  # bf16 dense, per chip
     cores_per_chip: int  # how the v5p-N name counts
+    hbm_bw: float  # bytes/s per chip
+    ici_bw: float  # bytes/s one chip sends into the ICI (half the published bidirectional figure)
+    dcn_bw: float  # bytes/s per chip between slices
 
 
+# hbm_bytes: the largest program libtpu 0.0.42.1 compiles for one chip, found by bisecting the size of
+# a donated f32 array (`x * 2 + 1`, arguments + code = total) until XLA refuses with "Ran out of memory
+# on HBM ... exceeds available HBM (95.74G)" (v5p) / "(31.25G)" (v6e): 102,803,437,056 bytes fit on
+# v5p and 4 KiB more do not (95.74 GiB of the 95 GiB-marketed, 96 GiB physical HBM); 33,550,222,848
+# bytes on v6e (31.25 GiB of its 32 GB). The same check refuses MaxText's 8 x 4096
+# per-chip batch with "116 GiB > 95.73 GiB available".
+# Bandwidths: Cloud TPU system-architecture pages (v5p: 2,765 GB/s HBM, 1,200 GB/s bidirectional ICI
+# per chip, 50 Gbps DCN per chip; v6e: 1,638 GB/s HBM, 800 GB/s bidirectional ICI per chip). v6e's
+# DCN per chip is not in that table: 100 Gbps assumed (4 x 200 Gbps NICs per 8-chip host).
 CHIPS = {
-    "v5p": Chip("TPU v5p", 95 * GB, 459e12, 2),
-    "v6e": Chip("TPU v6e", 32 * GB, 918e12, 1),
+    "v5p": Chip("TPU v5p", 102_803_437_056, 459e12, 2, 2765e9, 600e9, 50e9 / 8),
+    "v6e": Chip("TPU v6e", 33_550_222_848, 918e12, 1, 1638e9, 400e9, 100e9 / 8),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
     kind: str  # v5p | v6e
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # of one slice
+    slices: int = 1  # slices joined over DCN (mesh.dcn)
 
     @property
     def name(self) -> str:  # what get_topology_desc takes
@@ -49,7 +73,7 @@ class Topology:
 
     @property
     def chips(self) -> int:
-        return math.prod(self.shape)
+        return math.prod(self.shape) * self.slices
 
     @property
     def chip(self) -> Chip:
@@ -103,7 +127,8 @@ def topology_devices(topo: Topology):
     try:
         from jax.experimental import topologies
 
-        return topologies.get_topology_desc(topology_name=topo.name, platform="tpu").devices
+        kw = {"num_slices": topo.slices} if topo.slices > 1 else {}
+        return topologies.get_topology_desc(topology_name=topo.name, platform="tpu", **kw).devices
     except Exception as e:  # libtpu missing or the shape unknown to it
         raise ConfigError(f"topology {topo.name}: cannot build the TPU topology ({type(e).__name__}: {e}); "
                           f"AOT compilation needs libtpu (pip install 'jax[tpu]')") from None
@@ -163,15 +188,16 @@ class Report:
     code_bytes: float = 0.0
     state_bytes: float = 0.0
     flops: dict = dataclasses.field(default_factory=dict)
-    xla_flops: float | None = None
-    xla_seconds: float | None = None
     compile_seconds: float = 0.0
     compiled: bool = False
     oom: str | None = None  # XLA's out-of-memory message when compilation itself refused
+    peak: object = None  # memory_peak.PeakReport, when asked for
+    hlo: object = None  # hlo_stats.HloStats
+    estimate: object = None  # step_time.StepEstimate
 
     @property
     def fits(self) -> bool:
-        return self.oom is None and self.total_bytes <= self.hbm
+        return self.oom is None and self.compiled and self.total_bytes <= self.hbm
 
     @property
     def total_bytes(self) -> float:
@@ -187,8 +213,10 @@ class Report:
         t, chip = self.topology, self.topology.chip
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items() if v > 1) or "single device"
         f = self.flops
+        slices = f" in {t.slices} slices over DCN" if t.slices > 1 else ""
         lines = [
-            f"topology: {t.name} ({t.chips} chips of {chip.name}, {chip.hbm_bytes / GB:.0f} GB HBM each)",
+            f"topology: {t.name} ({t.chips} chips of {chip.name}{slices}, {chip.hbm_bytes / GiB:.2f} GiB HBM "
+            f"each usable, the limit XLA applies)",
             f"mesh: {mesh}",
             f"batch: {self.batch} x {self.seq} tokens = {self.batch * self.seq} per step "
             f"({self.batch * self.seq / t.chips:.0f} per chip)",
@@ -209,27 +237,49 @@ class Report:
         else:
             lines += [f"per-chip train state alone: {self.state_bytes / GiB:.2f} GiB of {chip.hbm_bytes / GiB:.2f} GiB "
                       f"-> DOES NOT FIT (not compiled)"]
+        if self.peak is not None:
+            p = self.peak
+            lines.append(f"largest live buffers at peak (temporaries live at schedule step {p.step}: "
+                         f"{human_bytes(p.peak_bytes)} of a {human_bytes(p.temp_bytes)} heap; XLA buffer assignment):")
+            for b in p.buffers:
+                where = f" at {b.source}" if b.source else ""
+                lines.append(f"  {human_bytes(b.bytes):>10}  {b.shape:<28} {b.op} ({b.opcode}){where}  {b.op_name[-110:]}")
         lines += [
             f"FLOPs per step (analytic): {f['total']:.4g} = 6 x {f['active_params'] / 1e9:.2f}B active matmul params "
             f"x {f['tokens']} tokens ({f['matmul']:.4g}) + causal attention ({f['attention']:.4g})",
             f"compute-bound step time at peak: {f['total'] / (t.chips * chip.peak_flops) * 1e3:.1f} ms "
             f"({t.chips} x {chip.peak_flops / 1e12:.0f} TFLOP/s bf16)",
         ]
-        if self.xla_seconds:
-            mfu = f["total"] / (t.chips * chip.peak_flops * self.xla_seconds)
-            lines.append(f"XLA estimated step time: {self.xla_seconds * 1e3:.1f} ms -> implied MFU {100 * mfu:.1f}% "
-                         f"(XLA counts a scanned layer once: this estimate is optimistic)")
-        else:
-            lines.append("XLA estimated step time: not available")
+        if self.hlo is not None:
+            h = self.hlo
+            kinds = ", ".join(f"{k} {human_bytes(v[1])}" for k, v in sorted(h.collectives.items(), key=lambda kv: -kv[1][1]))
+            lines.append(f"per-chip traffic per step (optimised HLO, loops x trip counts): HBM {human_bytes(h.hbm_bytes)}, "
+                         f"ICI {human_bytes(h.ici_bytes)}, DCN {human_bytes(h.dcn_bytes)} ({kinds or 'no collectives'})")
+            if h.unknown_trips:
+                lines.append(f"warning: {len(h.unknown_trips)} while loop(s) with an unknown trip count counted once")
+        if self.estimate is not None:
+            lines += self.estimate.lines()
         return "\n".join(lines)
 
 
-def compile_report(tcfg, topology: str | Topology, *, devices=None) -> Report:
-    """Lower and compile the training step of tcfg (a dsjax.train.config.TrainConfig) for the topology."""
+def _oom_message(e: Exception) -> str | None:
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+        return None
+    return msg.strip().splitlines()[0][:400]
+
+
+def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int = 0) -> Report:
+    """Lower and compile the training step of tcfg (a dsjax.train.config.TrainConfig) for the topology.
+    buffers > 0 also lists that many of the largest buffers live at the memory peak (XLA dumps its
+    buffer assignment to a temporary folder: slower, more disk)."""
     from dsjax.model.params import abstract_params
+    from dsjax.parallel import hlo_stats, memory_peak, step_time
     from dsjax.parallel import mesh as pm
 
     topo = parse_topology(topology) if isinstance(topology, str) else topology
+    if tcfg.mesh.dcn > 1 and topo.slices != tcfg.mesh.dcn:
+        topo = dataclasses.replace(topo, slices=tcfg.mesh.dcn)  # mesh.dcn=N: N slices of the topology
     devices = topology_devices(topo) if devices is None else devices
     cfg = tcfg.model
     mesh = pm.make_mesh(tcfg.mesh, devices)
@@ -252,33 +302,71 @@ def compile_report(tcfg, topology: str | Topology, *, devices=None) -> Report:
     batch = {k: jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=bsh) for k in ("tokens", "segment_ids", "positions")}
     state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state, state_sh)
     jitted = jax.jit(step, in_shardings=(state_sh, bsh), out_shardings=(state_sh, None), donate_argnums=0)
+    dump = tempfile.mkdtemp(prefix="dsjax_compile_") if buffers else None
+    options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True} if dump else None
     t0 = time.time()
-    with jax.set_mesh(mesh):
-        lowered = jitted.lower(state, batch)
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:
-            msg = str(e)
-            if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
-                raise
-            rep.compile_seconds = time.time() - t0
-            rep.oom = msg.strip().splitlines()[0][:400]
-            return rep
-    rep.compile_seconds = time.time() - t0
-    rep.compiled = True
+    try:
+        with jax.set_mesh(mesh):
+            lowered = jitted.lower(state, batch)
+            try:
+                compiled = lowered.compile(compiler_options=options)
+            except jax.errors.JaxRuntimeError as e:
+                rep.oom = _oom_message(e)
+                if rep.oom is None:
+                    raise
+                rep.compile_seconds = time.time() - t0
+                return rep
+        rep.compile_seconds = time.time() - t0
+        rep.compiled = True
+        if dump:
+            try:
+                rep.peak = memory_peak.peak_buffers(memory_peak.find_dump(dump, "train_step"), top=buffers)
+            except (OSError, ValueError) as e:  # a libtpu that dumps differently: say so, keep the rest
+                print(f"largest live buffers at peak: not available ({type(e).__name__}: {e})")
+    finally:
+        if dump:
+            shutil.rmtree(dump, ignore_errors=True)
     ma = compiled.memory_analysis()
     rep.args_bytes = ma.argument_size_in_bytes
     rep.temp_bytes = ma.temp_size_in_bytes
     rep.out_bytes = ma.output_size_in_bytes
     rep.alias_bytes = ma.alias_size_in_bytes
     rep.code_bytes = ma.generated_code_size_in_bytes
-    try:
-        ca = compiled.cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        rep.xla_flops = ca.get("flops")
-        rep.xla_seconds = ca.get("optimal_seconds") or None
-        if rep.xla_seconds is not None and rep.xla_seconds <= 0:
-            rep.xla_seconds = None
-    except Exception:  # cost analysis is optional
-        pass
+    slice_of = [getattr(d, "slice_index", 0) for d in mesh.devices.flat]
+    rep.hlo = hlo_stats.hlo_stats(compiled.as_text(), num_devices=len(slice_of), slice_of=slice_of)
+    rep.estimate = step_time.estimate(rep.flops["total"], b * s, topo.chips, topo.chip,
+                                      rep.hlo.hbm_bytes, rep.hlo.ici_bytes, rep.hlo.dcn_bytes)
     return rep
+
+
+def max_batch(tcfg, topology: str | Topology, *, progress=print, start: int | None = None):
+    """The largest batch_size (a multiple of the mesh's batch axes) whose step fits: double from one
+    row per batch shard until a compile does not fit, then bisect. Returns (batch, its Report), or
+    (0, the first Report) when even the smallest batch does not fit."""
+    from dsjax.parallel import mesh as pm
+
+    topo = parse_topology(topology) if isinstance(topology, str) else topology
+    if tcfg.mesh.dcn > 1:
+        topo = dataclasses.replace(topo, slices=tcfg.mesh.dcn)
+    devices = topology_devices(topo)
+    sizes = tcfg.mesh.resolve(len(devices))
+    unit = math.prod(sizes[a] for a in pm.BATCH_AXES)
+    reports: dict[int, Report] = {}
+
+    def fits(k: int) -> bool:
+        rep = compile_report(dataclasses.replace(tcfg, batch_size=k * unit), topo, devices=devices)
+        reports[k] = rep
+        progress(f"max batch: batch_size={k * unit} ({k * unit * tcfg.seq_len / topo.chips:.0f} tokens per chip): "
+                 f"{rep.total_bytes / GiB:.2f} GiB of {rep.hbm / GiB:.2f} GiB -> {'fits' if rep.fits else 'does not fit'}")
+        return rep.fits
+
+    lo, hi = 0, max(1, (start or unit) // unit)
+    while fits(hi):  # doubling
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # bisection: lo fits (or is 0), hi does not
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo * unit, reports[lo] if lo else reports[hi]

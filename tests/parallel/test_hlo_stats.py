@@ -1,0 +1,95 @@
+"""The optimised-HLO reader (dsjax.parallel.hlo_stats) and the peak-buffer reader
+(dsjax.parallel.memory_peak) on small programs whose answers are derived by hand in each test:
+an all-gather of a known shard inside a scan of known length, a psum outside it, on 4 devices;
+compiled for this CPU and for a v5p:2x2x1 TPU topology (libtpu's compiler, no TPU)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dsjax.config import ConfigError
+from dsjax.parallel import aot, hlo_stats, memory_peak
+
+ROWS, COLS, TRIPS, N = 64, 256, 7, 4  # per-device shard f32[16, 256] = 16 KiB
+
+
+def _program(devices):
+    mesh = jax.make_mesh((N,), ("x",), devices=devices)
+
+    def f(x):
+        def body(c, _):
+            g = jax.lax.all_gather(c, "x", tiled=True)  # [ROWS, COLS] from [ROWS/N, COLS]
+            return c + g[: c.shape[0]] * 2, None
+
+        c, _ = jax.lax.scan(body, x, None, length=TRIPS)
+        return c + jax.lax.psum(c, "x")
+
+    fn = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+    x = jax.ShapeDtypeStruct((ROWS, COLS), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+    return fn.lower(x)
+
+
+SHARD = ROWS // N * COLS * 4
+WANT_AG = TRIPS * (N - 1) * SHARD  # ring all-gather: each chip sends its shard to the other n-1
+WANT_AR = 2 * (N - 1) / N * SHARD  # ring all-reduce: reduce-scatter + all-gather of 1/n pieces
+
+
+def _check(stats):
+    assert list(stats.trip_counts.values()) == [TRIPS] and not stats.unknown_trips
+    ag, ar = stats.collectives["all-gather"], stats.collectives["all-reduce"]
+    assert ag == [TRIPS, pytest.approx(WANT_AG)]
+    assert ar == [1, pytest.approx(WANT_AR)]
+    assert stats.ici_bytes == pytest.approx(WANT_AG + WANT_AR) and stats.dcn_bytes == 0
+    # HBM: at least the gathered [ROWS, COLS] f32 array read once per trip
+    assert stats.hbm_bytes >= TRIPS * ROWS * COLS * 4
+
+
+def test_hlo_stats_cpu():
+    compiled = _program(jax.devices("cpu")[:N]).compile()
+    _check(hlo_stats.hlo_stats(compiled.as_text(), num_devices=N))
+
+
+def test_hlo_stats_dcn_groups():
+    # the same program with devices 0,1 in slice 0 and 2,3 in slice 1: every group crosses slices
+    compiled = _program(jax.devices("cpu")[:N]).compile()
+    stats = hlo_stats.hlo_stats(compiled.as_text(), num_devices=N, slice_of=[0, 0, 1, 1])
+    assert stats.ici_bytes == 0 and stats.dcn_bytes == pytest.approx(WANT_AG + WANT_AR)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("replica_groups={{0,1},{2,3}}", [[0, 1], [2, 3]]),
+    ("replica_groups=[2,4]<=[8]", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    ("replica_groups=[4,2]<=[2,4]T(1,0)", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    ("replica_groups={}", [list(range(8))]),
+])
+def test_replica_groups(text, want):
+    assert hlo_stats.replica_groups(text, 8) == want
+
+
+def test_array_bytes():
+    assert hlo_stats.array_bytes("(f32[2,3]{1,0}, bf16[4]{0:T(128)}, s32[])") == 24 + 8 + 4
+    assert hlo_stats.array_bytes("f32[256,256]{1,0:T(8,128)S(1)}", hbm_only=True) == 0
+
+
+def _tpu_devices():
+    try:
+        return aot.topology_devices(aot.parse_topology("v5p:2x2x1"))
+    except ConfigError:
+        return None
+
+
+needs_tpu_compiler = pytest.mark.skipif(_tpu_devices() is None, reason="libtpu is not importable")
+
+
+@needs_tpu_compiler
+def test_hlo_stats_tpu_and_peak_buffers(tmp_path):
+    compiled = _program(_tpu_devices()).compile(
+        compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True})
+    _check(hlo_stats.hlo_stats(compiled.as_text(), num_devices=N))
+    peak = memory_peak.peak_buffers(memory_peak.find_dump(str(tmp_path)))
+    # the gathered f32[64, 256] (64 KiB) is the largest temporary, made by the all-gather of line 22
+    top = peak.buffers[0]
+    assert (top.bytes, top.shape, top.opcode) == (ROWS * COLS * 4, f"f32[{ROWS},{COLS}]", "all-gather")
+    assert top.source.endswith("test_hlo_stats.py:22") and "all_gather" in top.op_name
+    assert top.bytes <= peak.peak_bytes <= peak.temp_bytes <= compiled.memory_analysis().temp_size_in_bytes
