@@ -36,6 +36,7 @@ def _given(path: str, overrides, key: str) -> bool:
 
 def run(args) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; TPU devices come from the topology
+    from dsjax.config import ConfigError
     from dsjax.parallel import aot
     from dsjax.train.config import load_train_config
 
@@ -47,9 +48,12 @@ def run(args) -> int:
     tcfg = load_train_config(args.config, overrides)
     if not _given(args.config, overrides, "seq_len"):
         tcfg = dataclasses.replace(tcfg, seq_len=min(args.seq_len, tcfg.model.max_position_embeddings))
+    if args.hbm_gib is not None and args.hbm_gib <= 0:
+        raise ConfigError(f"--hbm-gib: {args.hbm_gib} is not a positive number of GiB")
+    limit = args.hbm_gib * 2**30 if args.hbm_gib else None
     if args.max_batch:
         start = tcfg.batch_size if _given(args.config, overrides, "batch_size") else None
-        best, rep = aot.max_batch(tcfg, topo, progress=lambda m: print(m, flush=True), start=start)
+        best, rep = aot.max_batch(tcfg, topo, progress=lambda m: print(m, flush=True), start=start, hbm_limit=limit)
         print(rep.text())
         if not best:
             print(f"max batch: none fits (the smallest batch, {rep.batch} sequences, does not)")
@@ -57,7 +61,7 @@ def run(args) -> int:
         print(f"max batch: {best} sequences x {tcfg.seq_len} tokens = {best * tcfg.seq_len / rep.topology.chips:.0f} "
               f"tokens per chip (batch_size={best})")
         return 0
-    rep = aot.compile_report(tcfg, topo, buffers=args.buffers)
+    rep = aot.compile_report(tcfg, topo, buffers=args.buffers, hbm_limit=limit)
     print(rep.text())
     return 0 if rep.fits else EXIT_DOES_NOT_FIT
 
@@ -69,6 +73,8 @@ def register(sub, help_):
     p.add_argument("--per-chip-batch", type=int, default=1, help="sequences per chip when batch_size is not given")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence when seq_len is not given")
     p.add_argument("--max-batch", action="store_true", help="search the largest batch_size that fits")
+    p.add_argument("--hbm-gib", type=float, default=None,
+                   help="judge 'fits' against this many GiB per chip instead of XLA's limit (headroom)")
     p.add_argument("--buffers", type=int, default=15,
                    help="list this many of the largest buffers live at the memory peak (0: skip the dump)")
     p.add_argument("overrides", nargs="*", help="key=value, model.key=value, mesh.key=value")

@@ -191,6 +191,7 @@ class Report:
     compile_seconds: float = 0.0
     compiled: bool = False
     oom: str | None = None  # XLA's out-of-memory message when compilation itself refused
+    hbm_limit: float | None = None  # judge against this many bytes instead of XLA's limit
     peak: object = None  # memory_peak.PeakReport, when asked for
     hlo: object = None  # hlo_stats.HloStats
     estimate: object = None  # step_time.StepEstimate
@@ -207,7 +208,7 @@ class Report:
 
     @property
     def hbm(self) -> float:
-        return self.topology.chip.hbm_bytes
+        return self.hbm_limit or self.topology.chip.hbm_bytes
 
     def text(self) -> str:
         t, chip = self.topology, self.topology.chip
@@ -226,8 +227,8 @@ class Report:
                 f"per-chip memory (XLA memory_analysis): arguments {self.args_bytes / GiB:.2f} GiB "
                 f"(params + optimizer state + batch), temporaries {self.temp_bytes / GiB:.2f} GiB, "
                 f"outputs not aliased {(self.out_bytes - self.alias_bytes) / GiB:.2f} GiB, code {self.code_bytes / GiB:.2f} GiB",
-                f"per-chip total: {self.total_bytes / GiB:.2f} GiB of {chip.hbm_bytes / GiB:.2f} GiB "
-                f"({100 * self.total_bytes / chip.hbm_bytes:.0f}%) -> {'FITS' if self.fits else 'DOES NOT FIT'}",
+                f"per-chip total: {self.total_bytes / GiB:.2f} GiB of {self.hbm / GiB:.2f} GiB "
+                f"({100 * self.total_bytes / self.hbm:.0f}%) -> {'FITS' if self.fits else 'DOES NOT FIT'}",
                 f"compile time: {self.compile_seconds:.0f} s",
             ]
         elif self.oom is not None:
@@ -269,10 +270,12 @@ def _oom_message(e: Exception) -> str | None:
     return msg.strip().splitlines()[0][:400]
 
 
-def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int = 0) -> Report:
+def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int = 0,
+                   hbm_limit: float | None = None) -> Report:
     """Lower and compile the training step of tcfg (a dsjax.train.config.TrainConfig) for the topology.
     buffers > 0 also lists that many of the largest buffers live at the memory peak (XLA dumps its
-    buffer assignment to a temporary folder: slower, more disk)."""
+    buffer assignment to a temporary folder: slower, more disk). hbm_limit (bytes) judges "fits"
+    against a smaller budget than XLA's limit, e.g. to keep headroom."""
     from dsjax.model.params import abstract_params
     from dsjax.parallel import hlo_stats, memory_peak, step_time
     from dsjax.parallel import mesh as pm
@@ -289,13 +292,13 @@ def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int
     if b % nb:
         raise ConfigError(f"train config field 'batch_size': {b} is not divisible by the mesh's batch axes "
                           f"(dcn x data x fsdp x expert = {nb})")
-    rep = Report(topo, sizes, b, s, flops=step_flops(cfg, b, s, with_mtp=tcfg.mtp_lambda > 0))
+    rep = Report(topo, sizes, b, s, flops=step_flops(cfg, b, s, with_mtp=tcfg.mtp_lambda > 0), hbm_limit=hbm_limit)
 
     init, step = training_step(cfg, tcfg)
     abstract_state = jax.eval_shape(init, abstract_params(cfg))
     state_sh = pm.state_shardings(mesh, cfg, abstract_state)
     rep.state_bytes = state_bytes(abstract_state, state_sh)
-    if rep.state_bytes > topo.chip.hbm_bytes:
+    if rep.state_bytes > rep.hbm:
         return rep  # the parameters and optimizer state alone exceed HBM: nothing to compile
 
     bsh = pm.batch_sharding(mesh, b)
@@ -339,10 +342,31 @@ def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int
     return rep
 
 
-def max_batch(tcfg, topology: str | Topology, *, progress=print, start: int | None = None):
-    """The largest batch_size (a multiple of the mesh's batch axes) whose step fits: double from one
-    row per batch shard until a compile does not fit, then bisect. Returns (batch, its Report), or
-    (0, the first Report) when even the smallest batch does not fit."""
+def search_batch(fits, start: int = 1) -> int:
+    """The largest k >= 1 with fits(k), for a monotone fits (true up to some k, false above): double
+    from start until fits fails, then bisect. 0 when fits(1) fails. Calls fits O(log k) times."""
+    lo, hi = 0, max(1, start)
+    while fits(hi):
+        lo, hi = hi, hi * 2
+    if lo == 0 and hi > 1:  # start itself did not fit: search below it
+        hi2 = hi
+        while hi2 > 1 and not fits(hi2 // 2):
+            hi2 //= 2
+        lo, hi = (hi2 // 2, hi2) if hi2 > 1 else (0, 1)
+    while hi - lo > 1:  # lo fits (or is 0), hi does not
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def max_batch(tcfg, topology: str | Topology, *, progress=print, start: int | None = None,
+              hbm_limit: float | None = None):
+    """The largest batch_size (a multiple of the mesh's batch axes) whose step fits (search_batch over
+    multiples of that unit, from start or one row per batch shard). Returns (batch, the Report of the
+    largest that fits), or (0, the Report of the smallest tried) when none fits."""
     from dsjax.parallel import mesh as pm
 
     topo = parse_topology(topology) if isinstance(topology, str) else topology
@@ -354,19 +378,12 @@ def max_batch(tcfg, topology: str | Topology, *, progress=print, start: int | No
     reports: dict[int, Report] = {}
 
     def fits(k: int) -> bool:
-        rep = compile_report(dataclasses.replace(tcfg, batch_size=k * unit), topo, devices=devices)
+        rep = compile_report(dataclasses.replace(tcfg, batch_size=k * unit), topo, devices=devices,
+                             hbm_limit=hbm_limit)
         reports[k] = rep
         progress(f"max batch: batch_size={k * unit} ({k * unit * tcfg.seq_len / topo.chips:.0f} tokens per chip): "
                  f"{rep.total_bytes / GiB:.2f} GiB of {rep.hbm / GiB:.2f} GiB -> {'fits' if rep.fits else 'does not fit'}")
         return rep.fits
 
-    lo, hi = 0, max(1, (start or unit) // unit)
-    while fits(hi):  # doubling
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:  # bisection: lo fits (or is 0), hi does not
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo * unit, reports[lo] if lo else reports[hi]
+    best = search_batch(fits, max(1, (start or unit) // unit))
+    return best * unit, reports[best] if best else reports[min(reports)]

@@ -1,5 +1,7 @@
 """`dsjax compile`: topology names, the analytic FLOP count, and AOT compilation for a small TPU
 topology (needs libtpu: pip install 'jax[tpu]==<jax version>'). Reference for FLOPs: hand-counted below."""
+import re
+
 import pytest
 
 from dsjax.cli import main
@@ -54,6 +56,46 @@ def test_compile_tiny_fits(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "FITS" in out and "per-chip total" in out and "FLOPs per step" in out
+    assert "of 95.74 GiB" in out  # XLA's own v5p limit, not 95e9 bytes
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("largest live buffers at peak"))
+    assert all(" at dsjax/" in line or "(" in line for line in lines[head + 1:head + 6])
+    assert any(line.startswith("estimated step time: ") for line in lines)
+    mfu = next(line for line in lines if line.startswith("estimated MFU: "))
+    over, serial = (float(x) for x in re.findall(r"([\d.]+)%", mfu))
+    assert 0 < serial <= over <= 100
+    assert "180K H800 GPU-hours" in out
+
+
+@pytest.mark.parametrize("start, limit", [(1, 1), (1, 13), (4, 13), (16, 13), (1, 0), (8, 0), (5, 5)])
+def test_search_batch_finds_the_largest(start, limit):
+    calls = []
+    fits = lambda k: calls.append(k) or k <= limit  # noqa: E731
+    assert aot.search_batch(fits, start) == limit
+    assert len(calls) <= 2 * (max(limit, start).bit_length() + 1)
+
+
+@needs_tpu_compiler
+@pytest.mark.slow
+def test_compile_max_batch(capsys):
+    # tiny on 4 chips with a 0.1 GiB budget: the search prints each try and the largest that fits;
+    # the try one batch shard above it (4 sequences: dcn x data x fsdp x expert = 4) did not fit.
+    rc = main(["compile", "--config", "configs/tiny.yaml", "--topology", "v5p:2x2x1", "mesh.fsdp=4",
+               "--seq-len", "128", "--hbm-gib", "0.1", "--max-batch"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    m = re.search(r"^max batch: (\d+) sequences x 128 tokens = (\d+) tokens per chip", out, re.M)
+    assert m, out
+    best = int(m.group(1))
+    assert int(m.group(2)) == best * 128 // 4
+    tries = dict(re.findall(r"^max batch: batch_size=(\d+) .* -> (fits|does not fit)$", out, re.M))
+    assert tries[str(best)] == "fits" and tries[str(best + 4)] == "does not fit", out
+
+
+def test_compile_bad_hbm_limit_is_a_user_error(capsys):
+    rc = main(["compile", "--config", "configs/tiny.yaml", "--topology", "v5p:2x2x1", "--hbm-gib", "-1"])
+    assert rc == 2
+    assert "--hbm-gib" in capsys.readouterr().err
 
 
 @needs_tpu_compiler
