@@ -23,6 +23,7 @@ from dsjax.infer.attention import absorbed_attention, prefill_attention
 from dsjax.infer.cache import write_entries
 from dsjax.model.layers import rms_norm, swiglu
 from dsjax.model.moe import moe
+from dsjax.model.mtp import mtp_input
 from dsjax.model.rope import rope_tables
 from dsjax.model.transformer import embed, head
 
@@ -114,11 +115,8 @@ def _mtp_params(params):
 
 
 def _mtp_input(params, p, h_main, next_tokens, cfg: ModelConfig):
-    """h' = eh_proj([enorm(Emb(token_{t+1})) ; hnorm(h_t)]), as dsjax.model.mtp.mtp_forward."""
-    e = embed(params, next_tokens, cfg)
-    cat = jnp.concatenate([rms_norm(p["enorm"], e, cfg.rms_norm_eps),
-                           rms_norm(p["hnorm"], h_main.astype(e.dtype), cfg.rms_norm_eps)], axis=-1)
-    return cat @ p["eh_proj"].astype(cat.dtype)
+    """h' = eh_proj([enorm(Emb(token_{t+1})) ; hnorm(h_t)]), as in the model's MTP depth 1."""
+    return mtp_input(p, embed(params, next_tokens, cfg), h_main, cfg)
 
 
 def _mtp_out(params, p, x, entries, cache, start, cfg):

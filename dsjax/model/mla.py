@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from dsjax.config import ModelConfig
 from dsjax.model.layers import dense, rms_norm
 from dsjax.model.rope import apply_rope
+from dsjax.parallel.shard import per_shard, token_axes
 
 
 def project_q(p: dict, x: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
@@ -131,8 +132,9 @@ def _attend_bwd(res, do):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def mla(p: dict, x: jnp.ndarray, cos, sin, segment_ids, cfg: ModelConfig) -> jnp.ndarray:
-    """Full (non-absorbed) MLA for training and prefill. x [b, s, hidden] -> [b, s, hidden]."""
+def mla(p: dict, x: jnp.ndarray, cos, sin, segment_ids, cfg: ModelConfig, mesh=None) -> jnp.ndarray:
+    """Full (non-absorbed) MLA for training and prefill. x [b, s, hidden] -> [b, s, hidden].
+    mesh: the mesh the caller runs under (None: none); the Pallas kernel then runs per device."""
     b, s, _ = x.shape
     h = cfg.num_attention_heads
     q_nope, q_pe = rope_query(project_q(p, x, cfg), cos, sin, cfg)
@@ -142,16 +144,15 @@ def mla(p: dict, x: jnp.ndarray, cos, sin, segment_ids, cfg: ModelConfig) -> jnp
     q = jnp.concatenate([q_nope, q_pe], axis=-1)  # [b, s, h, qk_head_dim]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (b, s, h, cfg.qk_rope_head_dim))], axis=-1)
     if cfg.attention_impl == "pallas":
-        o = _pallas_attention(q, k, v, segment_ids, cfg)
+        o = _pallas_attention(q, k, v, segment_ids, cfg, mesh)
     else:
         o = dot_attention(q, k, v, segment_ids, cfg.softmax_scale)
     return dense(o.reshape(b, s, h * cfg.v_head_dim), p["o_proj"].astype(x.dtype))
 
 
-def _pallas_attention(q, k, v, segment_ids, cfg: ModelConfig) -> jnp.ndarray:
+def _pallas_attention(q, k, v, segment_ids, cfg: ModelConfig, mesh) -> jnp.ndarray:
     """The Pallas flash kernel, per device under a mesh (Mosaic/Triton calls are not partitioned by
     XLA): batch over the token axes that divide it, heads over "tensor" when it divides them."""
-    from dsjax.parallel import expert_parallel as ep  # late: dsjax.parallel imports the model
     from pallas_kernels.mla import mla_attention
 
     def attend(q, k, v, seg):
@@ -160,10 +161,10 @@ def _pallas_attention(q, k, v, segment_ids, cfg: ModelConfig) -> jnp.ndarray:
 
     def specs(mesh):
         tensor = dict(mesh.shape).get("tensor", 1)
-        batch = ep.token_axes(mesh, q.shape[0]) or None
+        batch = token_axes(mesh, q.shape[0]) or None
         heads = "tensor" if tensor > 1 and q.shape[2] % tensor == 0 else None
         spec = jax.sharding.PartitionSpec(batch, None, heads, None)
         seg_spec = None if segment_ids is None else jax.sharding.PartitionSpec(batch, None)
         return (spec, spec, spec, seg_spec), spec
 
-    return ep.per_shard(attend, (q, k, v, segment_ids), specs)
+    return per_shard(attend, (q, k, v, segment_ids), specs, mesh)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.model.layers import swiglu, swiglu_hidden_grads, vary_together
+from dsjax.parallel.shard import per_shard, token_axes
 
 
 def route(p_gate: dict, x: jnp.ndarray, cfg: ModelConfig):
@@ -60,7 +61,7 @@ def _mask_groups(choice, grouped, group_scores, cfg: ModelConfig):
     return jnp.where(mask, choice, -jnp.inf)
 
 
-def _sort_by_expert(idx: jnp.ndarray, num_experts: int):
+def sort_by_expert(idx: jnp.ndarray, num_experts: int):
     """Flatten [T, K] assignments and sort them by expert (stable)."""
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # sorted position -> flat assignment
@@ -68,32 +69,32 @@ def _sort_by_expert(idx: jnp.ndarray, num_experts: int):
     return order, flat[order], group_sizes
 
 
-def _combine(y_sorted, order, w, t: int, k: int):
+def combine(y_sorted, order, w, t: int, k: int):
     """Undo the sort and add each token's K expert outputs, weighted. y_sorted [T*K, hidden]."""
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y, w.astype(y.dtype))
 
 
-def _experts_dense(p, x, w, idx, cfg):
+def _experts_dense(p, x, w, idx, num_experts: int):
     dt = x.dtype
     t = x.shape[0]
-    combine = jnp.zeros((t, cfg.n_routed_experts), jnp.float32).at[jnp.arange(t)[:, None], idx].add(w)
+    weights = jnp.zeros((t, num_experts), jnp.float32).at[jnp.arange(t)[:, None], idx].add(w)
     g = jnp.einsum("td,edf->etf", x, p["gate_proj"].astype(dt))
     u = jnp.einsum("td,edf->etf", x, p["up_proj"].astype(dt))
     y = jnp.einsum("etf,efd->etd", jax.nn.silu(g) * u, p["down_proj"].astype(dt))
-    return jnp.einsum("etd,te->td", y, combine.astype(dt))
+    return jnp.einsum("etd,te->td", y, weights.astype(dt))
 
 
-def _experts_grouped(p, x, w, idx, cfg, matmul):
+def _experts_grouped(p, x, w, idx, num_experts: int, matmul):
     """Sort tokens by expert, run a grouped matmul `matmul(lhs, rhs, group_sizes)`, combine."""
     t, k = idx.shape
-    order, _, group_sizes = _sort_by_expert(idx, cfg.n_routed_experts)
+    order, _, group_sizes = sort_by_expert(idx, num_experts)
     xs = x[order // k]  # [T*K, hidden] grouped by expert
     dt = x.dtype
     g = matmul(xs, p["gate_proj"].astype(dt), group_sizes)
     u = matmul(xs, p["up_proj"].astype(dt), group_sizes)
     y = matmul(jax.nn.silu(g) * u, p["down_proj"].astype(dt), group_sizes)
-    return _combine(y, order, w, t, k)
+    return combine(y, order, w, t, k)
 
 
 def _ragged(lhs, rhs, group_sizes):
@@ -236,19 +237,22 @@ def _take_rows_bwd(some_unread: bool, readers, g):
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-def _num_blocks(num_assignments: int, cfg: ModelConfig) -> int:
-    """Static upper bound on the blocks of the blocked path: each expert pads to a whole block."""
-    bs = cfg.moe_block_size
-    return -(-(num_assignments + cfg.n_routed_experts * (bs - 1)) // bs)
+def _num_blocks(num_assignments: int, num_experts: int, bs: int) -> int:
+    """Static upper bound on the blocks of the blocked path: each expert pads to a whole block of bs rows."""
+    return -(-(num_assignments + num_experts * (bs - 1)) // bs)
+
+
+def _capacity(num_assignments: int, num_experts: int, bs: int) -> int:
+    return _num_blocks(num_assignments, num_experts, bs) * bs // num_experts
 
 
 def expert_capacity(num_assignments: int, cfg: ModelConfig) -> int:
     """Rows per expert of the capacity buffer: the blocked buffer's rows split evenly over the experts
     (so both buffers have the same rows and, under the lax.cond, share residual slots)."""
-    return _num_blocks(num_assignments, cfg) * cfg.moe_block_size // cfg.n_routed_experts
+    return _capacity(num_assignments, cfg.n_routed_experts, cfg.moe_block_size)
 
 
-def _experts_blocked(p, x, w, idx, cfg, capacity: bool = True):
+def _experts_blocked(p, x, w, idx, num_experts: int, bs: int, capacity: bool = True):
     """Dropless experts on buffers of rows grouped by expert (in token order within an expert).
 
     With `capacity`, when no expert has more rows than the blocked buffer divided evenly over the
@@ -256,7 +260,7 @@ def _experts_blocked(p, x, w, idx, cfg, capacity: bool = True):
     per-block weight gathers. Otherwise, exactly, to blocks of moe_block_size rows. Expert MLP
     fwd+bwd at cpu_bench shapes: [16 x 1280] 72-80 ms vs 80 blocks of 256 rows 106 ms."""
     t, k = idx.shape
-    e, bs = cfg.n_routed_experts, cfg.moe_block_size
+    e = num_experts
     n = t * k
     flat = idx.reshape(-1)
     onehot = jax.nn.one_hot(flat, e, dtype=jnp.int32)  # [T*K, E]
@@ -264,7 +268,7 @@ def _experts_blocked(p, x, w, idx, cfg, capacity: bool = True):
     # Place of each assignment among its expert's: a cumulative count, where a stable sort by expert
     # cost 3.1 vs 0.8 ms at cpu_bench shapes.
     rank = ((jnp.cumsum(onehot, axis=0) - onehot) * onehot).sum(1)
-    num_blocks = _num_blocks(n, cfg)
+    num_blocks = _num_blocks(n, e, bs)
     rows = num_blocks * bs
     dt = x.dtype
     weights = vary_together(p["gate_proj"].astype(dt), p["up_proj"].astype(dt), p["down_proj"].astype(dt), x)
@@ -276,7 +280,7 @@ def _experts_blocked(p, x, w, idx, cfg, capacity: bool = True):
         mlp = lambda xr: _block_mlp(wg, wu, wd, xr.reshape(num_blocks, bs, -1), block_expert, e).reshape(rows, -1)
         return _through_rows(x, w, (pad_end - padded)[flat] + rank, rows, mlp)
 
-    cap = expert_capacity(n, cfg)
+    cap = _capacity(n, e, bs)
     if capacity and cap > 0:
         def by_capacity(wg, wu, wd, x):
             mlp = lambda xr: _capacity_mlp(wg, wu, wd, xr.reshape(e, cap, -1)).reshape(e * cap, -1)
@@ -286,27 +290,48 @@ def _experts_blocked(p, x, w, idx, cfg, capacity: bool = True):
     return blocked(*weights)
 
 
-def routed_experts(p: dict, x: jnp.ndarray, w, idx, cfg: ModelConfig) -> jnp.ndarray:
-    from dsjax.parallel import expert_parallel as ep  # late: dsjax.parallel imports this module
-
-    if ep.expert_axis_size() > 1:  # a mesh with an "expert" axis is set: tokens travel to their experts
-        return ep.routed_experts_ep(p, x, w, idx, cfg)
+def routed_experts(p: dict, x: jnp.ndarray, w, idx, cfg: ModelConfig, mesh=None) -> jnp.ndarray:
+    """sum_k w[t, k] * Expert_{idx[t, k]}(x_t) for x [T, hidden], w/idx [T, K], every expert on this
+    device (no expert parallelism: dsjax.parallel.expert_parallel wraps `local_experts` for that).
+    mesh: the mesh the caller runs under (None: none); the Pallas kernel then runs per device."""
+    e = cfg.n_routed_experts
     if cfg.moe_impl == "dense":
-        return _experts_dense(p, x, w, idx, cfg)
+        return _experts_dense(p, x, w, idx, e)
     if cfg.moe_impl == "ragged_dot":
-        return _experts_grouped(p, x, w, idx, cfg, _ragged)
+        return _experts_grouped(p, x, w, idx, e, _ragged)
     if cfg.moe_impl == "pallas":  # per device under a mesh: XLA does not partition Pallas calls
         def specs(mesh):  # experts replicated (gathered), tokens split over the batch axes
-            tok = jax.sharding.PartitionSpec(ep.token_axes(mesh, x.shape[0]) or None)
+            tok = jax.sharding.PartitionSpec(token_axes(mesh, x.shape[0]) or None)
             return (jax.sharding.PartitionSpec(), tok, tok, tok), tok
 
-        fn = lambda p, x, w, idx: _experts_grouped(p, x, w, idx, cfg, _pallas_gmm(cfg.kernel_interpret))
-        return ep.per_shard(fn, (p, x, w, idx), specs)
-    return _experts_blocked(p, x, w, idx, cfg)
+        fn = lambda p, x, w, idx: _experts_grouped(p, x, w, idx, e, _pallas_gmm(cfg.kernel_interpret))
+        return per_shard(fn, (p, x, w, idx), specs, mesh)
+    return _experts_blocked(p, x, w, idx, e, cfg.moe_block_size)
 
 
-def moe(p: dict, x: jnp.ndarray, cfg: ModelConfig, token_mask: jnp.ndarray | None = None):
+def local_experts(p: dict, rows: jnp.ndarray, ids: jnp.ndarray, num_experts: int, cfg: ModelConfig) -> jnp.ndarray:
+    """Expert_{ids[r]}(rows[r]) for rows [R, hidden] and ids [R] in 0..num_experts, where num_experts
+    marks a padding row: the experts of p (num_experts of them, a device's share under expert
+    parallelism) on rows that are already routed. Returns unweighted outputs [R, hidden], zero on
+    padding rows. The expert path is cfg.moe_impl's, as in `routed_experts`."""
+    valid = ids < num_experts
+    ones = valid[:, None].astype(jnp.float32)  # [R, 1]: padding rows get weight 0
+    if cfg.moe_impl in ("ragged_dot", "pallas"):
+        # ids == num_experts sort last and fall outside every group: the grouped matmul skips them.
+        mm = _ragged if cfg.moe_impl == "ragged_dot" else _pallas_gmm(cfg.kernel_interpret)
+        return _experts_grouped(p, rows, ones, ids[:, None], num_experts, mm)
+    safe = jnp.where(valid, ids, num_experts - 1)[:, None]  # padding rides along in the last expert
+    if cfg.moe_impl == "dense":
+        return _experts_dense(p, rows, ones, safe, num_experts)
+    return _experts_blocked(p, rows, ones, safe, num_experts, cfg.moe_block_size, capacity=False)
+
+
+def moe(p: dict, x: jnp.ndarray, cfg: ModelConfig, token_mask: jnp.ndarray | None = None, experts=None):
     """The MoE feed-forward. x [b, s, hidden] -> (y [b, s, hidden], routing statistics).
+
+    experts(p["experts"], x [T, hidden], w [T, K], idx [T, K]) -> [T, hidden] computes the routed
+    experts' weighted sum; default `routed_experts` with every expert on this device (the model passes
+    dsjax.parallel.expert_parallel's under a mesh with an expert axis).
 
     Statistics (for balancing and logging; padding tokens excluded via token_mask [b, s]):
       load        [E]     tokens routed to each expert
@@ -316,7 +341,8 @@ def moe(p: dict, x: jnp.ndarray, cfg: ModelConfig, token_mask: jnp.ndarray | Non
     b, s, d = x.shape
     x2 = x.reshape(b * s, d)
     w, idx, scores = route(p["gate"], x2, cfg)
-    y = routed_experts(p["experts"], x2, w, idx, cfg)
+    experts = experts or (lambda pe, x2, w, idx: routed_experts(pe, x2, w, idx, cfg))
+    y = experts(p["experts"], x2, w, idx)
     if cfg.n_shared_experts > 0:
         y = y + swiglu(p["shared_experts"], x2)
     m = jnp.ones((b * s,), jnp.float32) if token_mask is None else token_mask.reshape(-1).astype(jnp.float32)

@@ -9,7 +9,6 @@ and the loss masks that position.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
@@ -27,24 +26,9 @@ def shifted(tokens, segment_ids, k: int):
     return nxt, jnp.broadcast_to(valid, (b, s))
 
 
-def mtp_forward(params, h_main, tokens, cos, sin, segment_ids, token_mask, cfg: ModelConfig) -> dict:
-    from dsjax.model.transformer import block, embed, head
-
-    h_prev = h_main
-    logits, loads = [], []
-    for k in range(1, cfg.num_nextn_predict_layers + 1):
-        p = jax.tree.map(lambda a: a[k - 1], params["mtp_layers"])
-        nxt, valid = shifted(tokens, segment_ids, k)
-        e = embed(params, nxt, cfg) * valid[..., None].astype(h_main.dtype)
-        cat = jnp.concatenate([rms_norm(p["enorm"], e, cfg.rms_norm_eps),
-                               rms_norm(p["hnorm"], h_prev, cfg.rms_norm_eps)], axis=-1)
-        x = cat @ p["eh_proj"].astype(cat.dtype)
-        x, stats = block(p, x, cos, sin, segment_ids, token_mask, cfg, cfg.mtp_is_moe)
-        logits.append(head(params, rms_norm(p["shared_head_norm"], x, cfg.rms_norm_eps), cfg))
-        if stats is not None:
-            loads.append(stats["load"])
-        h_prev = x
-    out = {"mtp_logits": jnp.stack(logits)}
-    if loads:
-        out["mtp_expert_load"] = jnp.stack(loads)
-    return out
+def mtp_input(p: dict, e: jnp.ndarray, h_prev: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
+    """h' = eh_proj([enorm(e) ; hnorm(h_prev)]) for the embedded next tokens e and the previous depth's
+    hidden state h_prev [b, s, hidden] (cast to e's dtype) -> [b, s, hidden]."""
+    cat = jnp.concatenate([rms_norm(p["enorm"], e, cfg.rms_norm_eps),
+                           rms_norm(p["hnorm"], h_prev.astype(e.dtype), cfg.rms_norm_eps)], axis=-1)
+    return cat @ p["eh_proj"].astype(cat.dtype)

@@ -11,15 +11,19 @@ from dsjax.config import ModelConfig
 from dsjax.model.layers import dense, rms_norm, swiglu
 from dsjax.model.mla import mla
 from dsjax.model.moe import moe
+from dsjax.model.mtp import mtp_input, shifted
 from dsjax.model.rope import rope_tables
+from dsjax.parallel.expert_parallel import experts_under
 
 
-def block(p: dict, x, cos, sin, segment_ids, token_mask, cfg: ModelConfig, is_moe: bool):
-    """One decoder layer: x + MLA(norm(x)), then + MLP or MoE(norm(.)). Returns (x, moe stats | None)."""
-    h = x + mla(p["self_attn"], rms_norm(p["input_layernorm"], x, cfg.rms_norm_eps), cos, sin, segment_ids, cfg)
+def block(p: dict, x, cos, sin, segment_ids, token_mask, cfg: ModelConfig, is_moe: bool, mesh=None):
+    """One decoder layer: x + MLA(norm(x)), then + MLP or MoE(norm(.)). Returns (x, moe stats | None).
+    mesh: the mesh the caller runs under (None: none); expert parallelism when it has an expert axis."""
+    h = x + mla(p["self_attn"], rms_norm(p["input_layernorm"], x, cfg.rms_norm_eps), cos, sin, segment_ids, cfg,
+                mesh)
     y = rms_norm(p["post_attention_layernorm"], h, cfg.rms_norm_eps)
     if is_moe:
-        m, stats = moe(p["mlp"], y, cfg, token_mask)
+        m, stats = moe(p["mlp"], y, cfg, token_mask, experts_under(mesh, cfg))
         return h + m, stats
     return h + swiglu(p["mlp"], y), None
 
@@ -32,11 +36,11 @@ def _remat(fn, cfg: ModelConfig):
     return fn
 
 
-def _scan_blocks(stacked: dict, x, cos, sin, segment_ids, token_mask, cfg: ModelConfig, is_moe: bool):
+def _scan_blocks(stacked: dict, x, cos, sin, segment_ids, token_mask, cfg: ModelConfig, is_moe: bool, mesh):
     """Run a stack of identical layers with lax.scan: compile time does not grow with depth."""
 
     def body(carry, lp):
-        out, stats = block(lp, carry, cos, sin, segment_ids, token_mask, cfg, is_moe)
+        out, stats = block(lp, carry, cos, sin, segment_ids, token_mask, cfg, is_moe, mesh)
         return out, stats
 
     return jax.lax.scan(_remat(body, cfg), x, stacked, unroll=cfg.scan_unroll)
@@ -52,9 +56,11 @@ def embed(params, tokens, cfg: ModelConfig):
 
 
 def forward(params: dict, tokens: jnp.ndarray, cfg: ModelConfig, *, positions=None, segment_ids=None,
-            with_mtp: bool = True):
+            with_mtp: bool = True, mesh=None):
     """DeepSeek-V3 forward. tokens [batch, seq] int -> (logits [batch, seq, vocab] float32, aux).
 
+    mesh: the mesh the caller runs under (None: none). Under a mesh with an "expert" axis of size > 1
+    the MoE layers run expert parallelism over it; Pallas kernels run per device under any mesh.
     positions [batch, seq] default to 0..seq-1; segment_ids [batch, seq] (packed rows: attention stays
     inside a segment; id 0 marks padding, which is left out of the routing statistics).
     aux: expert_load [moe_layers, E], seq_count/seq_prob [moe_layers, batch, E] (balance loss inputs),
@@ -70,15 +76,34 @@ def forward(params: dict, tokens: jnp.ndarray, cfg: ModelConfig, *, positions=No
     x = embed(params, tokens, cfg)
     aux = {}
     if cfg.num_dense_layers:
-        x, _ = _scan_blocks(params["dense_layers"], x, cos, sin, segment_ids, token_mask, cfg, False)
+        x, _ = _scan_blocks(params["dense_layers"], x, cos, sin, segment_ids, token_mask, cfg, False, mesh)
     if cfg.num_moe_layers:
-        x, stats = _scan_blocks(params["moe_layers"], x, cos, sin, segment_ids, token_mask, cfg, True)
+        x, stats = _scan_blocks(params["moe_layers"], x, cos, sin, segment_ids, token_mask, cfg, True, mesh)
         aux["expert_load"], aux["seq_count"], aux["seq_prob"] = stats["load"], stats["seq_count"], stats["seq_prob"]
     h = rms_norm(params["norm"], x, cfg.rms_norm_eps)
     logits = head(params, h, cfg)
     aux["hidden"] = h
     if cfg.num_nextn_predict_layers and with_mtp:
-        from dsjax.model.mtp import mtp_forward
-
-        aux.update(mtp_forward(params, h, tokens, cos, sin, segment_ids, token_mask, cfg))
+        aux.update(mtp_forward(params, h, tokens, cos, sin, segment_ids, token_mask, cfg, mesh))
     return logits, aux
+
+
+def mtp_forward(params, h_main, tokens, cos, sin, segment_ids, token_mask, cfg: ModelConfig, mesh=None) -> dict:
+    """The MTP depths (dsjax.model.mtp) after the main model: mtp_logits [depth, b, s, vocab] and, when
+    the MTP blocks are MoE, mtp_expert_load [depth, E]."""
+    h_prev = h_main
+    logits, loads = [], []
+    for k in range(1, cfg.num_nextn_predict_layers + 1):
+        p = jax.tree.map(lambda a: a[k - 1], params["mtp_layers"])
+        nxt, valid = shifted(tokens, segment_ids, k)
+        e = embed(params, nxt, cfg) * valid[..., None].astype(h_main.dtype)
+        x = mtp_input(p, e, h_prev, cfg)
+        x, stats = block(p, x, cos, sin, segment_ids, token_mask, cfg, cfg.mtp_is_moe, mesh)
+        logits.append(head(params, rms_norm(p["shared_head_norm"], x, cfg.rms_norm_eps), cfg))
+        if stats is not None:
+            loads.append(stats["load"])
+        h_prev = x
+    out = {"mtp_logits": jnp.stack(logits)}
+    if loads:
+        out["mtp_expert_load"] = jnp.stack(loads)
+    return out

@@ -168,11 +168,11 @@ def state_bytes(abstract_state, shardings) -> float:
 
 # ----------------------------------------------------------------------------- the step
 
-def training_step(model_cfg: ModelConfig, tcfg):
-    """(init_state, train_step) of the trainer (dsjax.train.step)."""
+def training_step(model_cfg: ModelConfig, tcfg, mesh=None):
+    """(init_state, train_step) of the trainer (dsjax.train.step) run under mesh."""
     from dsjax.train.step import init_state, make_train_step
 
-    return (lambda params: init_state(params, tcfg)), make_train_step(model_cfg, tcfg)
+    return (lambda params: init_state(params, tcfg)), make_train_step(model_cfg, tcfg, mesh)
 
 
 @dataclasses.dataclass
@@ -294,7 +294,7 @@ def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int
                           f"(dcn x data x fsdp x expert = {nb})")
     rep = Report(topo, sizes, b, s, flops=step_flops(cfg, b, s, with_mtp=tcfg.mtp_lambda > 0), hbm_limit=hbm_limit)
 
-    init, step = training_step(cfg, tcfg)
+    init, step = training_step(cfg, tcfg, mesh)
     abstract_state = jax.eval_shape(init, abstract_params(cfg))
     state_sh = pm.state_shardings(mesh, cfg, abstract_state)
     rep.state_bytes = state_bytes(abstract_state, state_sh)

@@ -1,16 +1,17 @@
 """Dropless expert parallelism: tokens travel to the devices that own their experts and come back.
 
-Under a mesh with an "expert" axis of size n > 1 (set by the caller with `jax.set_mesh`), each
-device along that axis owns E/n consecutive routed experts. `routed_experts_ep` runs inside
-`shard_map`; per device, with its T local tokens and their top-K choices:
+Under a mesh with an "expert" axis of size n > 1 (passed explicitly: `experts_under(mesh, cfg)`
+is the routed-experts function a MoE layer uses under that mesh), each device along that axis owns
+E/n consecutive routed experts. `routed_experts_ep` runs inside `shard_map`; per device, with its
+T local tokens and their top-K choices:
 
   1. sort the T*K assignments by expert (so by destination device too) and count them;
   2. dispatch: all-to-all over "expert" sends each destination its rows, sorted by local expert.
      TPU/GPU: `jax.lax.ragged_all_to_all` (only the real rows travel). CPU, where it does not
      lower: a padded all-to-all whose per-destination buffers hold the worst case,
      T * min(K, E/n) rows, so nothing is ever dropped;
-  3. the local experts' grouped matmul over the received rows, with the model's own expert paths
-     (dsjax.model.moe: blocked / ragged_dot / pallas / dense, per cfg.moe_impl);
+  3. the local experts over the received rows: dsjax.model.moe.local_experts, the model's own
+     expert paths (blocked / ragged_dot / pallas / dense, per cfg.moe_impl);
   4. the reverse all-to-all, then the weighted combine of each token's K outputs.
 The receive buffer is sized for the worst case (every source sending all its tokens here), which is
 what static shapes cost a dropless scheme: n * T * min(K, E/n) rows per device.
@@ -26,25 +27,16 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
-from dsjax.model import moe as moe_lib
 from dsjax.model.layers import varying_axes
+from dsjax.model.moe import combine, local_experts, routed_experts, sort_by_expert
+from dsjax.parallel.shard import token_axes
 
 EXPERT_AXIS = "expert"
-_TOKEN_AXES = ("dcn", "data", "fsdp", "expert")
 
 
-def current_mesh():
-    """The mesh set by `jax.set_mesh` (an AbstractMesh), or None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return None
-    return mesh
-
-
-def expert_axis_size(mesh=None) -> int:
-    """Size of the "expert" axis of the current mesh; 1 when there is none or it is already manual
-    (inside a shard_map over it)."""
-    mesh = current_mesh() if mesh is None else mesh
+def expert_axis_size(mesh) -> int:
+    """Size of mesh's "expert" axis; 1 for no mesh, a mesh without one, or one already manual over it
+    (inside a shard_map)."""
     if mesh is None or EXPERT_AXIS not in mesh.axis_names:
         return 1
     if EXPERT_AXIS in getattr(mesh, "manual_axes", ()):
@@ -52,33 +44,17 @@ def expert_axis_size(mesh=None) -> int:
     return dict(mesh.shape)[EXPERT_AXIS]
 
 
-def token_axes(mesh, t: int) -> tuple[str, ...]:
-    """Mesh axes the T tokens are split over inside the shard_map: the batch axes that divide T."""
-    sizes = dict(mesh.shape)
-    out, prod = [], 1
-    for a in _TOKEN_AXES:
-        n = sizes.get(a, 1)
-        if n > 1 and t % (prod * n) == 0:
-            out.append(a)
-            prod *= n
-    return tuple(out)
+def experts_under(mesh, cfg: ModelConfig):
+    """The routed-experts function experts(p, x [T, hidden], w [T, K], idx [T, K]) -> [T, hidden] of a
+    MoE layer run under `mesh` (None: no mesh): expert-parallel when the mesh has an "expert" axis of
+    size > 1, else every expert on each device (dsjax.model.moe.routed_experts)."""
+    if expert_axis_size(mesh) > 1:
+        return lambda p, x, w, idx: routed_experts_ep(p, x, w, idx, cfg, mesh)
+    return lambda p, x, w, idx: routed_experts(p, x, w, idx, cfg, mesh)
 
 
-def per_shard(fn, args, specs):
-    """fn(*args) run per device under the current mesh with shard_map (for Pallas kernels, which XLA
-    cannot partition), or directly when there is no mesh of more than one device.
-    specs(mesh) -> (one PartitionSpec per arg (None for a None arg), the output's PartitionSpec)."""
-    mesh = current_mesh()
-    if mesh is None or mesh.size == 1 or set(mesh.axis_names) <= set(getattr(mesh, "manual_axes", ())):
-        return fn(*args)
-    in_specs, out_spec = specs(mesh)
-    # check_vma off: pallas_call outputs carry no varying-axes type, and fn has no collectives.
-    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_spec, check_vma=False)(*args)
-
-
-def routed_experts_ep(p: dict, x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray, cfg: ModelConfig, mesh=None):
+def routed_experts_ep(p: dict, x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray, cfg: ModelConfig, mesh):
     """Expert-parallel `routed_experts`: x [T, hidden], w/idx [T, K] (global arrays) -> [T, hidden]."""
-    mesh = current_mesh() if mesh is None else mesh
     n = expert_axis_size(mesh)
     e = cfg.n_routed_experts
     t = x.shape[0]
@@ -103,7 +79,7 @@ def _local(p, x, w, idx, *, cfg: ModelConfig, n: int):
     e = cfg.n_routed_experts
     el = e // n
     me = jax.lax.axis_index(EXPERT_AXIS)
-    order, _, counts = moe_lib._sort_by_expert(idx, e)  # counts [E] for my tokens
+    order, _, counts = sort_by_expert(idx, e)  # counts [E] for my tokens
     xs = x[order // k]  # [T*K, d], sorted by expert, hence by destination
     send = counts.reshape(n, el).sum(1)  # rows to each destination
     send_off = jnp.cumsum(send) - send
@@ -115,23 +91,7 @@ def _local(p, x, w, idx, *, cfg: ModelConfig, n: int):
     args = (xs, send, send_off, m, mine, recv, me, p)
     ys = jax.lax.platform_dependent(*args, cpu=functools.partial(_padded, cfg=cfg, n=n, cap=cap),
                                     default=functools.partial(_ragged, cfg=cfg, n=n, cap=cap))
-    return moe_lib._combine(ys, order, w, t, k)
-
-
-def _local_experts(p, rows, ids, cfg: ModelConfig, el: int):
-    """The local experts on received rows [R, d] with local expert ids [R] (el = padding: no expert).
-    Returns unweighted outputs [R, d], zero on padding rows."""
-    valid = ids < el
-    lcfg = cfg.replace(n_routed_experts=el, num_experts_per_tok=1, n_group=1, topk_group=1)
-    if cfg.moe_impl in ("ragged_dot", "pallas"):
-        # ids == el sort last and fall outside every group: the grouped matmul skips them.
-        mm = moe_lib._ragged if cfg.moe_impl == "ragged_dot" else moe_lib._pallas_gmm(cfg.kernel_interpret)
-        return moe_lib._experts_grouped(p, rows, valid[:, None].astype(jnp.float32), ids[:, None], lcfg, mm)
-    safe = jnp.where(valid, ids, el - 1)[:, None]  # padding rides along in the last expert, weight 0
-    wts = valid[:, None].astype(jnp.float32)
-    if cfg.moe_impl == "dense":
-        return moe_lib._experts_dense(p, rows, wts, safe, lcfg)
-    return moe_lib._experts_blocked(p, rows, wts, safe, lcfg, capacity=False)  # padding loads the last expert
+    return combine(ys, order, w, t, k)
 
 
 def _segment_ids(sizes, total: int, el: int):
@@ -153,7 +113,7 @@ def _padded(xs, send, send_off, m, mine, recv, me, p, *, cfg, n, cap):
     got = jax.lax.all_to_all(buf, EXPERT_AXIS, 0, 0, tiled=False)  # [n(src), cap, d]
     # rows from source s: sorted by my local experts, mine[s] rows each; then padding
     ids = jax.vmap(lambda c: _segment_ids(c, cap, el))(mine)  # [n, cap]
-    y = _local_experts(p, got.reshape(n * cap, d), ids.reshape(-1), cfg, el).reshape(n, cap, d)
+    y = local_experts(p, got.reshape(n * cap, d), ids.reshape(-1), el, cfg).reshape(n, cap, d)
     back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0, tiled=False)  # [n(dst), cap, d]: my rows, returned
     return back.reshape(n * cap, d)[slot]
 
@@ -168,7 +128,7 @@ def _ragged(xs, send, send_off, m, mine, recv, me, p, *, cfg, n, cap):
     got = jax.lax.ragged_all_to_all(xs, _like(xs, (n * cap, d)), send_off, send, out_off, recv,
                                     axis_name=EXPERT_AXIS)
     ids = _segment_ids(mine, n * cap, el)  # consecutive (source, local expert) segments
-    y = _local_experts(p, got, ids, cfg, el)
+    y = local_experts(p, got, ids, el, cfg)
     # reverse: my rows from source s go back to s at the offset s used for me
     sent_before = jnp.cumsum(m, axis=1) - m  # [src, dst]: each source's own send offsets
     back_off = jax.lax.dynamic_index_in_dim(sent_before, me, axis=1, keepdims=False)

@@ -42,13 +42,14 @@ def token_denominators(batch: dict, mtp_depth: int) -> jnp.ndarray:
 
 
 def loss_fn(params, batch: dict, cfg: ModelConfig, *, mtp_lambda: float, balance_alpha: float, z_loss: float,
-            denoms: jnp.ndarray | None = None):
+            denoms: jnp.ndarray | None = None, mesh=None):
     """Scalar loss and metrics for one batch {tokens, segment_ids, positions} ([b, s] int32 each).
+    mesh: the mesh the step runs under (the model runs expert parallelism over its "expert" axis).
 
     denoms: optional [1 + mtp depth] token counts to normalise by (default: this batch's own)."""
     tokens, seg = batch["tokens"], batch.get("segment_ids")
     logits, aux = forward(params, tokens, cfg, positions=batch.get("positions"), segment_ids=seg,
-                          with_mtp=mtp_lambda > 0)
+                          with_mtp=mtp_lambda > 0, mesh=mesh)
     targets, valid = shifted(tokens, seg, 1)
     lm_sum, n, logz = cross_entropy(logits, targets, valid)
     denom = lambda i, count: jnp.maximum(count if denoms is None else denoms[i], 1.0)

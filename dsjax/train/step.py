@@ -57,13 +57,13 @@ def init_state(params, tcfg, seed: int | None = None) -> TrainState:
     return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params), rng)
 
 
-def make_train_step(model_cfg, tcfg):
+def make_train_step(model_cfg, tcfg, mesh=None):
     """train_step(state, batch) -> (state, metrics); batch arrays are [batch, seq] (split into
-    tcfg.grad_accum micro-batches)."""
+    tcfg.grad_accum micro-batches). mesh: the mesh the step runs under (None: one device)."""
     tx = make_optimizer(tcfg)
     sched = lr_schedule(tcfg)
     lfn = functools.partial(loss_fn, cfg=model_cfg, mtp_lambda=tcfg.mtp_lambda, balance_alpha=tcfg.balance_alpha,
-                            z_loss=tcfg.z_loss)
+                            z_loss=tcfg.z_loss, mesh=mesh)
     grad_fn = jax.value_and_grad(lfn, has_aux=True)
 
     def grads_and_metrics(params, batch):
@@ -113,9 +113,10 @@ def make_train_step(model_cfg, tcfg):
     return train_step
 
 
-def make_eval_step(model_cfg, tcfg):
+def make_eval_step(model_cfg, tcfg, mesh=None):
     def eval_step(params, batch):
-        _, m = loss_fn(params, batch, model_cfg, mtp_lambda=tcfg.mtp_lambda, balance_alpha=0.0, z_loss=0.0)
+        _, m = loss_fn(params, batch, model_cfg, mtp_lambda=tcfg.mtp_lambda, balance_alpha=0.0, z_loss=0.0,
+                       mesh=mesh)
         return {"loss": m["lm_loss"] * m["tokens"], "tokens": m["tokens"]}
 
     return eval_step

@@ -95,13 +95,13 @@ def train(tcfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> 
     mcfg = tcfg.model
     main = jax.process_index() == 0
     mesh, place_state, place_batch = _mesh_setup(tcfg)
-    # The mesh must be current while tracing: the MoE layer routes tokens through expert parallelism
-    # only when it sees an "expert" axis on it.
+    # The steps get the mesh explicitly (expert parallelism over its "expert" axis); it is also set
+    # as the current mesh, which Pallas (Mosaic) lowering reads the TPU kind from.
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset, stop_after)
+        return _train(tcfg, workdir, mcfg, main, mesh, place_state, place_batch, make_dataset, stop_after)
 
 
-def _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset, stop_after=None):
+def _train(tcfg, workdir, mcfg, main, mesh, place_state, place_batch, make_dataset, stop_after=None):
     state = place_state(init_state(init_params(mcfg, tcfg.seed), tcfg))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints,
                         async_save=tcfg.async_checkpointing)
@@ -114,8 +114,8 @@ def _train(tcfg, workdir, mcfg, main, place_state, place_batch, make_dataset, st
         if main:
             print(f"resumed from {ckpt.directory}/{start}", file=sys.stderr)
     logger = MetricsLogger(workdir, start, enabled=main)
-    step_fn = jit_step(make_train_step(mcfg, tcfg), donate_argnums=0)
-    eval_fn = jit_step(make_eval_step(mcfg, tcfg))
+    step_fn = jit_step(make_train_step(mcfg, tcfg, mesh), donate_argnums=0)
+    eval_fn = jit_step(make_eval_step(mcfg, tcfg, mesh))
     flops_tok = train_flops_per_token(mcfg, tcfg.seq_len, tcfg.mtp_lambda > 0)
     peak = device_peak(tcfg) * len(jax.devices())
     bar = None

@@ -217,7 +217,7 @@ def test_model_with_both_pallas_impls_lowers_for_tpu():
     on_tpu = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P()))
     params = jax.tree.map(on_tpu, jax.eval_shape(lambda: init_params(cfg, 0)))
     tokens = on_tpu(jax.ShapeDtypeStruct((2, 128), jnp.int32))
-    grad = jax.grad(lambda p, t: forward(p, t, cfg, with_mtp=False)[0].astype(jnp.float32).mean())
+    grad = jax.grad(lambda p, t: forward(p, t, cfg, with_mtp=False, mesh=mesh)[0].astype(jnp.float32).mean())
     with jax.set_mesh(mesh):  # as `dsjax compile` does: Mosaic reads the TPU kind off the mesh
         text = jax.jit(grad).lower(params, tokens).as_text()
     for name in ("mla_flash_fwd", "mla_flash_bwd", "tpu_custom_call"):

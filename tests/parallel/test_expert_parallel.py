@@ -16,13 +16,13 @@ B, S = 8, 16
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def _value_and_grad(cfg, params, tokens):
-    f = jax.jit(jax.value_and_grad(lambda p, t: _loss(p, t, cfg), has_aux=True))
+def _value_and_grad(cfg, params, tokens, mesh=None):
+    f = jax.jit(jax.value_and_grad(lambda p, t: _loss(p, t, cfg, mesh), has_aux=True))
     return f.lower(params, tokens).compile(compiler_options=FAST_COMPILE)(params, tokens)
 
 
-def _loss(params, tokens, cfg):
-    logits, aux = forward(params, tokens, cfg)
+def _loss(params, tokens, cfg, mesh):
+    logits, aux = forward(params, tokens, cfg, mesh=mesh)
     lp = jax.nn.log_softmax(logits[:, :-1])
     ce = -jnp.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
     mlp = jax.nn.log_softmax(aux["mtp_logits"][0, :, :-2])
@@ -67,8 +67,7 @@ def test_expert_parallel_matches_single_device(reference, mcfg, impl):
 
     ep.routed_experts_ep = spy
     try:
-        with jax.set_mesh(mesh):
-            (loss, aux), grads = _value_and_grad(cfg, p, t)
+        (loss, aux), grads = _value_and_grad(cfg, p, t, mesh)
     finally:
         ep.routed_experts_ep = orig
     assert calls, "the expert-parallel path was not taken"
@@ -82,10 +81,23 @@ def test_expert_parallel_matches_single_device(reference, mcfg, impl):
     assert "expert" in str(gexp.sharding.spec)  # gradients stay expert-sharded
 
 
-def test_no_mesh_means_no_expert_parallelism():
-    assert ep.expert_axis_size() == 1
-    with jax.set_mesh(pm.make_mesh(pm.MeshConfig(fsdp=-1))):
-        assert ep.expert_axis_size() == 1
+def test_expert_parallelism_is_decided_by_the_mesh_passed(reference):
+    """No mesh, or a mesh without an expert axis: no expert parallelism. A current mesh (jax.set_mesh)
+    with an expert axis that is not passed to the model changes nothing either."""
+    assert ep.expert_axis_size(None) == 1
+    assert ep.expert_axis_size(pm.make_mesh(pm.MeshConfig(fsdp=-1))) == 1
+    assert ep.expert_axis_size(pm.make_mesh(pm.MeshConfig(fsdp=2, expert=4))) == 4
+    cfg, params, tokens, loss0, *_ = reference
+    calls = []
+    orig = ep.routed_experts_ep
+    ep.routed_experts_ep = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        with jax.set_mesh(pm.make_mesh(pm.MeshConfig(fsdp=1, expert=8))):
+            loss = jax.jit(lambda p, t: _loss(p, t, cfg, None)[0])(params, tokens)
+    finally:
+        ep.routed_experts_ep = orig
+    assert not calls
+    assert _rel(loss, loss0) <= 1e-5
 
 
 def test_pallas_kernels_run_per_device_under_a_mesh(reference):
@@ -97,8 +109,7 @@ def test_pallas_kernels_run_per_device_under_a_mesh(reference):
     mesh = pm.make_mesh(pm.MeshConfig(fsdp=4, tensor=2))
     p = jax.device_put(params, pm.param_shardings(mesh, cfg))
     t = jax.device_put(tokens, pm.batch_sharding(mesh))
-    with jax.set_mesh(mesh):
-        (loss, aux), grads = _value_and_grad(cfg, p, t)
+    (loss, aux), grads = _value_and_grad(cfg, p, t, mesh)
     assert _rel(loss, loss0) <= 1e-5
     flat0 = jax.tree_util.tree_flatten_with_path(grads0)[0]
     for (path, g0), g in zip(flat0, jax.tree.leaves(grads)):
