@@ -36,13 +36,19 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from dsjax.errors import UserError
+    from dsjax.errors import UserError, storage_error
     from pallas_kernels.unavailable import PallasUnavailableError  # impl=pallas lowered for CPU
 
     try:
         return int(args.func(args) or 0)
     except (*UserError, PallasUnavailableError) as e:
         print(f"dsjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 — a full, read-only or misnamed output path is the user's
+        err = storage_error(e)
+        if err is None:
+            raise
+        print(f"dsjax {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,34 @@ def train_flops_per_token(mcfg, seq_len: int, with_mtp: bool) -> float:
     return 6 * active + attn
 
 
+def trim_jsonl(path: str, resume_step: int) -> None:
+    """Keep the rows of the JSONL log `path` up to `resume_step`: rows past it were written by an
+    interrupted run and the resumed run writes them again. A torn row (a crash or a full disk
+    mid-write, usually the last line) is dropped with a warning naming the file and line; the file is
+    rewritten atomically (temp file + rename), so a crash here loses nothing."""
+    keep, torn = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+                step = row.get("step", 0) if isinstance(row, dict) else None
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                step = None
+            if step is None:
+                torn.append(n)
+            elif step <= resume_step:
+                keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
+    if torn:
+        warnings.warn(f"{path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}; "
+                      "a torn write from an interrupted run)")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
         self.enabled = enabled
@@ -59,12 +88,8 @@ class MetricsLogger:
         self.tb = None
         if not enabled:
             return
-        # Rows past the restored step were written by an interrupted run: the resumed run rewrites them.
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                rows = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(rows)
+            trim_jsonl(self.path, resume_step)
         try:
             from tensorboardX import SummaryWriter
 

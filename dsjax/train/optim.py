@@ -68,11 +68,13 @@ def make_optimizer(tcfg) -> optax.GradientTransformation:
     sched = lr_schedule(tcfg)
     adam = scale_by_adam(tcfg.b1, tcfg.b2, tcfg.eps, tcfg.moment_dtype)
 
-    def adamw(wd):
-        parts = [adam] + ([optax.add_decayed_weights(wd)] if wd else []) + [optax.scale_by_learning_rate(sched)]
-        return optax.chain(*parts)
-
+    # The state tree must not depend on the values of weight_decay or clip_norm (a run may resume with
+    # other values): a switched-off stage is an identity with the same (empty) state, not a missing one.
+    # (The layouts are those of the default config, so its earlier checkpoints still restore.)
+    decay = optax.add_decayed_weights(tcfg.weight_decay) if tcfg.weight_decay else optax.identity()
     inner = optax.multi_transform(
-        {"decay": adamw(tcfg.weight_decay), "no_decay": adamw(0.0), "frozen": optax.set_to_zero()},
+        {"decay": optax.chain(adam, decay, optax.scale_by_learning_rate(sched)),
+         "no_decay": optax.chain(adam, optax.scale_by_learning_rate(sched)), "frozen": optax.set_to_zero()},
         _labels(tcfg.model))
-    return optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), inner) if tcfg.clip_norm else inner
+    clip = optax.clip_by_global_norm(tcfg.clip_norm) if tcfg.clip_norm else optax.identity()
+    return optax.chain(clip, inner)

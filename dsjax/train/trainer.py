@@ -12,36 +12,18 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
-
-from dsjax.config import RUNTIME_ONLY, ConfigError
 from dsjax.model.params import init_params
 from dsjax.train.checkpointing import Checkpointer, abstract_of
 from dsjax.train.config import TrainConfig, to_yaml
 from dsjax.train.metrics import MetricsLogger, device_peak, train_flops_per_token
+from dsjax.train.preemption import PreemptionWatch
+from dsjax.train.resume import check_workdir_config, resume_lines
 from dsjax.train.step import init_state, jit_step, make_eval_step, make_train_step
+from dsjax.train.workdir_lock import hold_workdir
 
 
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. a non-finite loss under nan_policy=stop)."""
-
-
-def _check_run_config(workdir: str, tcfg: TrainConfig) -> None:
-    """A workdir belongs to one model: resuming it with a different architecture is an error."""
-    path = os.path.join(workdir, "run_config.yaml")
-    text = to_yaml(tcfg)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = yaml.safe_load(f) or {}
-        new = yaml.safe_load(text)
-        diff = [k for k in new["model"] if old.get("model", {}).get(k) != new["model"][k]
-                and k not in RUNTIME_ONLY]
-        if diff:
-            raise ConfigError(f"{path}: workdir was created for a different model (fields {diff} differ); "
-                              "use a new --workdir")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def _mesh_setup(tcfg: TrainConfig):
@@ -87,21 +69,27 @@ def train(tcfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> 
     """Train (or resume) in `workdir`. Returns the logged metric rows of this invocation.
 
     stop_after: checkpoint and return after this step (a planned interruption, e.g. before a
-    preemption); running again resumes exactly where it stopped."""
+    preemption); running again resumes exactly where it stopped. SIGTERM (a preemption notice) does the
+    same at the step it arrives in (see dsjax.train.preemption).
+
+    One trainer per workdir (dsjax.train.workdir_lock); a changed run config is resumed or refused
+    field by field (dsjax.train.resume)."""
     from dsjax.train.data import make_dataset
 
     os.makedirs(workdir, exist_ok=True)
-    _check_run_config(workdir, tcfg)
-    mcfg = tcfg.model
-    main = jax.process_index() == 0
-    mesh, place_state, place_batch = _mesh_setup(tcfg)
-    # The steps get the mesh explicitly (expert parallelism over its "expert" axis); it is also set
-    # as the current mesh, which Pallas (Mosaic) lowering reads the TPU kind from.
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return _train(tcfg, workdir, mcfg, main, mesh, place_state, place_batch, make_dataset, stop_after)
+    with hold_workdir(workdir), PreemptionWatch() as preempt:
+        notes = check_workdir_config(workdir, to_yaml(tcfg))
+        mcfg = tcfg.model
+        main = jax.process_index() == 0
+        mesh, place_state, place_batch = _mesh_setup(tcfg)
+        # The steps get the mesh explicitly (expert parallelism over its "expert" axis); it is also set
+        # as the current mesh, which Pallas (Mosaic) lowering reads the TPU kind from.
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            return _train(tcfg, workdir, mcfg, main, mesh, place_state, place_batch, make_dataset, stop_after,
+                          preempt, notes)
 
 
-def _train(tcfg, workdir, mcfg, main, mesh, place_state, place_batch, make_dataset, stop_after=None):
+def _train(tcfg, workdir, mcfg, main, mesh, place_state, place_batch, make_dataset, stop_after, preempt, notes):
     state = place_state(init_state(init_params(mcfg, tcfg.seed), tcfg))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints,
                         async_save=tcfg.async_checkpointing)
@@ -113,6 +101,8 @@ def _train(tcfg, workdir, mcfg, main, mesh, place_state, place_batch, make_datas
         data.set_state(dstate)
         if main:
             print(f"resumed from {ckpt.directory}/{start}", file=sys.stderr)
+            for line in resume_lines(notes, start):
+                print(line, file=sys.stderr)
     logger = MetricsLogger(workdir, start, enabled=main)
     step_fn = jit_step(make_train_step(mcfg, tcfg, mesh), donate_argnums=0)
     eval_fn = jit_step(make_eval_step(mcfg, tcfg, mesh))
@@ -149,9 +139,10 @@ def _train(tcfg, workdir, mcfg, main, mesh, place_state, place_batch, make_datas
                     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tps:,.0f}", mfu=f"{row['mfu']:.1%}")
             if bar is not None:
                 bar.update(1)
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or step == stop_after:
+            stop = step == stop_after or preempt.should_stop(step)
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stop:
                 ckpt.save(step, state, data.get_state())
-            if step == stop_after:
+            if stop:
                 break
     except KeyboardInterrupt:
         if step > start and int(state.step) == step:
@@ -162,4 +153,7 @@ def _train(tcfg, workdir, mcfg, main, mesh, place_state, place_batch, make_datas
         logger.close()
         if bar is not None:
             bar.close()
+    if preempt.signal_received is not None and main:
+        print(f"preempted (signal {preempt.signal_received}): checkpoint saved at step {step} in "
+              f"{ckpt.directory}; run the same command again to resume", file=sys.stderr)
     return rows

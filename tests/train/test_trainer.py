@@ -122,7 +122,7 @@ def test_bad_config_and_data_errors_name_the_culprit(tmp_path):
 
 def test_workdir_of_another_model_is_refused(tmp_path):
     train(_cfg("steps=1"), str(tmp_path))
-    with pytest.raises(ConfigError, match="different model"):
+    with pytest.raises(ConfigError, match=r"changed model.hidden_size \(model.hidden_size: 64 in the workdir, 32 now\)"):
         train(_cfg("steps=1", "model.hidden_size=32"), str(tmp_path))
 
 
