@@ -98,13 +98,14 @@ def is_train_workdir(path: str) -> bool:
 
 def _load_train_workdir(path: str, step: int | None = None):
     """(params, model config) of a `dsjax train` workdir's checkpoint `step` (default: the latest
-    restorable one)."""
+    restorable one: an unreadable or corrupt newer one is skipped with a warning). Read-only: nothing
+    in the workdir is written, moved or deleted."""
     from dsjax.train.checkpointing import Checkpointer, abstract_of
     from dsjax.train.config import load_train_config
     from dsjax.train.step import init_state
 
     tcfg = load_train_config(os.path.join(path, "run_config.yaml"))
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), keep=10 ** 6, async_save=False)
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"), keep=10 ** 6, async_save=False, read_only=True)
     try:
         if not ckpt.steps():
             raise FileNotFoundError(f"{path}/checkpoints: no checkpoint")

@@ -1,4 +1,5 @@
-"""`dsjax info PATH`: PATH is a config YAML, a config.json or a checkpoint directory."""
+"""`dsjax info PATH`: PATH is a config YAML, a config.json, a checkpoint directory or a training workdir
+(read only: nothing is written)."""
 from __future__ import annotations
 
 import os
@@ -39,6 +40,8 @@ def run(args) -> int:
     path = args.path
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "dsjax_native.yaml")):
         cfg = load_config(os.path.join(path, "dsjax_native.yaml"))
+    elif os.path.isdir(path) and os.path.exists(os.path.join(path, "run_config.yaml")):
+        cfg = load_config(os.path.join(path, "run_config.yaml"))  # a training workdir: its model section
     else:
         cfg = load_config(path)
     print(summary(cfg))

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from dsjax.checkpoint.safetensors_io import CheckpointError
 from dsjax.config import ConfigError
 from dsjax.errors import storage_error
-from dsjax.train import checksums
+from dsjax.checkpoint import checksums
 
 
 class CheckpointMismatchError(ConfigError):
