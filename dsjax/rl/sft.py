@@ -224,7 +224,7 @@ def _from_train_workdir(path: str):
 
     tcfg = load_train_config(os.path.join(path, "run_config.yaml"))
     abstract = jax.eval_shape(lambda: init_state(init_params(tcfg.model, 0), tcfg))
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), keep=10 ** 6, async_save=False)
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"), keep=10 ** 6, async_save=False, read_only=True)
     try:
         restored = ckpt.restore(abstract_of(abstract))
     finally:
