@@ -12,6 +12,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from dsjax.model.params import init_params
 from dsjax.train.checkpointing import Checkpointer, abstract_of
 from dsjax.train.config import TrainConfig, to_yaml
