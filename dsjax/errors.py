@@ -14,6 +14,9 @@ class StorageError(OSError):
     """A path cannot be written: disk full, read-only file system, no permission, or a file where a
     directory must be. The message names the path and the cause."""
 
+    def __str__(self):
+        return self.strerror or super().__str__()
+
 
 # errno values that are the user's storage, not a bug: reported as one line naming the path and cause.
 _CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",

@@ -1,7 +1,10 @@
 """`dsjax export --workdir DIR --out OUT [--step N]`: HF safetensors from a training checkpoint."""
 from __future__ import annotations
 
+import errno
 import os
+
+from dsjax.errors import StorageError
 
 
 def run(args) -> int:
@@ -10,6 +13,8 @@ def run(args) -> int:
 
     if not is_train_workdir(args.workdir):
         raise FileNotFoundError(f"{args.workdir}: not a dsjax training workdir (no run_config.yaml and checkpoints/)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # before the (long) load, not after
+        raise StorageError(errno.EEXIST, f"{args.out}: cannot write: exists and is a file, not a directory")
     params, cfg = _load_train_workdir(args.workdir, args.step)
     save_hf(params, cfg, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype)
     step = args.step if args.step is not None else "latest"

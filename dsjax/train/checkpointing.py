@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -50,6 +51,21 @@ def _from_jsonable(d):
     return d
 
 
+class _QuietStorageErrors(logging.Filter):
+    """Drop Orbax's error logs (with tracebacks, from its writer threads) for a full or read-only disk:
+    the same failure reaches the trainer as an exception and is reported once, as one line naming the
+    path and the cause (dsjax.errors.StorageError)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:  # (and the notes Orbax logs for every read-only manager)
+            return not record.getMessage().startswith(("Given directory is read only", "CheckpointManagerOptions.read_only"))
+        exc = record.exc_info[1] if record.exc_info else None
+        return storage_error(exc) is None and storage_error(RuntimeError(record.getMessage())) is None
+
+
+_quiet = _QuietStorageErrors()
+logging.getLogger("absl").addFilter(_quiet)
+
 _HANDLERS = {"state": ocp.StandardCheckpointHandler, "data": ocp.JsonCheckpointHandler,
              "checksums": ocp.JsonCheckpointHandler}
 
@@ -71,7 +87,7 @@ class Checkpointer:
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(_jsonable(data_state)),
                 checksums=ocp.args.JsonSave(checksums.checksums(state))), force=True)
         except Exception as e:  # noqa: BLE001 — a full or read-only disk is the user's, not a bug
-            raise storage_error(e, f"{self.directory}/{step}") or e
+            raise storage_error(e, self.directory) or e
 
     def steps(self) -> list[int]:
         return sorted(self.mngr.all_steps())
