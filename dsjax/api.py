@@ -69,10 +69,11 @@ def init(cfg: ModelConfig | str, seed: int = 0) -> Model:
     return Model(init_params(cfg, seed), cfg)
 
 
-def from_pretrained(path: str, *, param_dtype: str | None = None, overrides=()) -> Model:
+def from_pretrained(path: str, *, param_dtype: str | None = None, overrides=(), allow_nonfinite: bool = False) -> Model:
     """Load an HF-layout (or official FP8) safetensors checkpoint directory, a dsjax native checkpoint, or
     a workdir: a `dsjax train` workdir gives its latest restorable checkpoint's params, a post-training
-    workdir (`dsjax sft/grpo/distill`) its final model (WORKDIR/final)."""
+    workdir (`dsjax sft/grpo/distill`) its final model (WORKDIR/final). Read-only: nothing in `path` is
+    written. An HF tensor holding NaN/Inf is refused naming it, unless allow_nonfinite."""
     from dsjax.checkpoint import native
     from dsjax.checkpoint.hf_io import load_hf
 
@@ -86,7 +87,7 @@ def from_pretrained(path: str, *, param_dtype: str | None = None, overrides=()) 
     elif is_train_workdir(path):
         params, cfg = _load_train_workdir(path)
     else:
-        params, cfg = load_hf(path, param_dtype=param_dtype)
+        params, cfg = load_hf(path, param_dtype=param_dtype, allow_nonfinite=allow_nonfinite)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     return Model(jax.tree.map(jnp.asarray, params), cfg)

@@ -163,6 +163,13 @@ def _validate(c: ModelConfig) -> None:
         if not cond:
             raise ConfigError(f"config field '{field}': {msg}")
 
+    for f in dataclasses.fields(c):  # a value of the wrong type (e.g. an override `rope_theta=abc`)
+        v, t = getattr(c, f.name), f.type
+        if t in ("int", "float") or t in (int, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            need(ok and (isinstance(v, int) or t in ("float", float)), f.name, f"expected a finite {t}, got {v!r}")
+        elif t in ("bool", bool):
+            need(isinstance(v, bool), f.name, f"expected true or false, got {v!r}")
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                  "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim"):
         v = getattr(c, name)
@@ -195,6 +202,7 @@ def _validate(c: ModelConfig) -> None:
     need(c.num_key_value_heads == c.num_attention_heads, "num_key_value_heads",
          f"MLA has one latent shared by all heads; HF requires num_key_value_heads == num_attention_heads "
          f"({c.num_attention_heads}), got {c.num_key_value_heads}")
+    need(c.model_type in MODEL_TYPES, "model_type", f"must be one of {MODEL_TYPES}, got {c.model_type!r}")
     need(c.dtype in ("float32", "bfloat16"), "dtype", f"must be float32 or bfloat16, got {c.dtype!r}")
     need(c.param_dtype in ("float32", "bfloat16"), "param_dtype", f"must be float32 or bfloat16, got {c.param_dtype!r}")
     need(c.moe_impl in ("blocked", "ragged_dot", "dense", "pallas"), "moe_impl",
@@ -283,7 +291,23 @@ def parse_override(s: str) -> tuple[str, Any]:
     if "=" not in s:
         raise ConfigError(f"override {s!r} is not of the form key=value")
     k, v = s.split("=", 1)
-    return k.strip(), yaml.safe_load(v)
+    try:
+        return k.strip(), yaml.safe_load(v)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{k.strip()}': cannot parse value {v!r}: {str(e).splitlines()[0]}") from None
+
+
+_FLOAT_FIELDS = {f.name for f in dataclasses.fields(ModelConfig) if f.type in ("float", float)}
+
+
+def _as_float(v):
+    """YAML reads `1e-6` (no dot) as a string; a float field takes it as the number it spells."""
+    if isinstance(v, (str, int)) and not isinstance(v, bool):
+        try:
+            return float(v)
+        except ValueError:
+            return v  # the validation names the field
+    return v
 
 
 def apply_overrides(cfg: ModelConfig, overrides: Sequence[str] | Mapping[str, Any]) -> ModelConfig:
@@ -298,7 +322,7 @@ def apply_overrides(cfg: ModelConfig, overrides: Sequence[str] | Mapping[str, An
             rope = rope or dataclasses.asdict(RopeScaling())
             rope[sub] = v
         elif k in _FIELDS:
-            kw[k] = v
+            kw[k] = _as_float(v) if k in _FLOAT_FIELDS else v
         else:
             raise ConfigError(f"unknown config field '{k}'")
     if rope is not None:
@@ -325,8 +349,28 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Model
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     if path.endswith((".yaml", ".yml")) and "model" in raw and isinstance(raw["model"], dict):
         raw = raw["model"]  # a combined run config: model section
+    if path.endswith(".json"):
+        _check_hf_config(raw, path)
     cfg = config_from_dict(raw, where=path, strict=not path.endswith(".json"))
     return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+# Architecture fields an HF config.json must state: a missing one would silently take the 671B default.
+_HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+                "first_k_dense_replace")
+_HF_REQUIRED_MOE = ("moe_intermediate_size", "num_experts_per_tok")
+
+
+def _check_hf_config(raw: Mapping[str, Any], path: str) -> None:
+    mt = raw.get("model_type")
+    if mt not in MODEL_TYPES:
+        raise ConfigError(f"{path}: model_type {mt!r} is not a DeepSeek V2/V3 model (expected one of {MODEL_TYPES})")
+    moe = any(raw.get(k) for k in ("n_routed_experts", "num_experts", "num_local_experts"))
+    missing = [k for k in _HF_REQUIRED + (_HF_REQUIRED_MOE if moe else ()) if k not in raw]
+    if missing:
+        raise ConfigError(f"{path}: missing architecture field(s) {missing} (no default is assumed for these)")
 
 
 def _packaged_config(name: str) -> str | None:

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 
 from dsjax.checkpoint.hf_names import Entry, hf_entries, hf_shape
-from dsjax.checkpoint.safetensors_io import (PICKLE_SUFFIXES, CheckpointError, SafetensorsFile,
-                                             write_safetensors)
+from dsjax.checkpoint.safetensors_io import (PICKLE_SUFFIXES, CheckpointError, SafetensorsFile, check_finite,
+                                             require_regular_file, write_safetensors)
 from dsjax.config import ConfigError, ModelConfig, load_config
 from dsjax.model.params import abstract_params
 
@@ -31,13 +31,19 @@ def _tensor_files(path: str) -> dict[str, str]:
     idx = os.path.join(path, INDEX)
     files: list[str]
     if os.path.exists(idx):
+        require_regular_file(idx)
         try:
             with open(idx) as f:
                 wm = json.load(f)["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            files = sorted(set(wm.values()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{idx}: malformed index: {e}") from None
-        files = sorted(set(wm.values()))
+        root = os.path.realpath(path)
         for fn in files:
+            # Shards live in the checkpoint directory: no absolute paths, no '..', no symlink out of it.
+            if (not isinstance(fn, str) or os.path.isabs(fn) or os.path.dirname(fn)
+                    or os.path.dirname(os.path.realpath(os.path.join(path, fn))) != root):
+                raise CheckpointError(f"{idx}: shard path {fn!r} is outside the checkpoint directory {path}; refused")
             if not os.path.exists(os.path.join(path, fn)):
                 raise CheckpointError(f"{idx}: lists shard {fn}, which is missing from {path}")
     else:
@@ -72,6 +78,7 @@ def _read_config(path: str) -> tuple[ModelConfig, dict]:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{path}: no config.json")
+    require_regular_file(cfg_path)
     with open(cfg_path) as f:
         try:
             raw = json.load(f)
@@ -80,8 +87,10 @@ def _read_config(path: str) -> tuple[ModelConfig, dict]:
     return load_config(cfg_path), raw
 
 
-def load_hf(path: str, cfg: ModelConfig | None = None, param_dtype: str | None = None) -> tuple[dict, ModelConfig]:
-    """Read an HF-layout checkpoint directory into (params as numpy arrays, config)."""
+def load_hf(path: str, cfg: ModelConfig | None = None, param_dtype: str | None = None, *,
+            allow_nonfinite: bool = False) -> tuple[dict, ModelConfig]:
+    """Read an HF-layout checkpoint directory into (params as numpy arrays, config). A tensor holding
+    NaN or Inf is refused, naming it, unless allow_nonfinite."""
     raw = {}
     if cfg is None:
         cfg, raw = _read_config(path)
@@ -130,6 +139,8 @@ def load_hf(path: str, cfg: ModelConfig | None = None, param_dtype: str | None =
             w = _dequantize(w, read(sname), block, e.name, where[e.name])
         elif w.dtype.kind not in "f" and w.dtype != np.dtype("bfloat16"):
             raise CheckpointError(f"{where[e.name]}: tensor {e.name} has unsupported dtype {w.dtype}")
+        if not allow_nonfinite:
+            check_finite(e.name, w, where[e.name])
         leaf[e.index] = (w.T if e.transpose else w).astype(dt)
     return params, cfg
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from typing import Iterator
 
@@ -31,6 +32,29 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def require_regular_file(path: str) -> None:
+    """Refuse a FIFO, device or directory before opening it (reading a FIFO blocks forever)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or directory); refused")
+
+
+def check_finite(name: str, arr: np.ndarray, file: str) -> None:
+    """Raise naming the tensor if it holds NaN or Inf (a corrupt or diverged checkpoint)."""
+    if arr.dtype.kind == "f" or arr.dtype in (DTYPES["BF16"], DTYPES["F8_E4M3"], DTYPES["F8_E5M2"]):
+        bad = ~np.isfinite(arr.astype(np.float32))
+        if bad.any():
+            raise CheckpointError(f"{file}: tensor {name} holds {int(bad.sum())} non-finite value(s) (NaN/Inf); "
+                                  "refused (pass allow_nonfinite=True / --allow-nonfinite to load it anyway)")
+
+
 class SafetensorsFile:
     """Lazy reader of one .safetensors file: `keys()`, `shape(k)`, `dtype(k)`, `get(k)` -> np.ndarray."""
 
@@ -39,6 +63,7 @@ class SafetensorsFile:
         if path.endswith(PICKLE_SUFFIXES):
             raise CheckpointError(f"{path}: pickle-based checkpoints are refused (unpickling can run code); "
                                   "convert it to safetensors first")
+        require_regular_file(path)
         try:
             size = os.path.getsize(path)
             with open(path, "rb") as f:
@@ -59,6 +84,7 @@ class SafetensorsFile:
         self._base = 8 + n
         self._header = header
         data_len = size - self._base
+        spans = []
         for k, info in header.items():
             try:
                 dt, shape, (s, e) = info["dtype"], info["shape"], info["data_offsets"]
@@ -66,12 +92,25 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path}: tensor {k}: malformed header entry {info!r}") from None
             if dt not in DTYPES:
                 raise CheckpointError(f"{path}: tensor {k} has unsupported dtype {dt}")
+            if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+                raise CheckpointError(f"{path}: tensor {k}: shape {shape!r} is not a list of non-negative integers")
+            if not (_is_int(s) and _is_int(e) and 0 <= s <= e):
+                raise CheckpointError(f"{path}: tensor {k}: data_offsets {[s, e]} are not integers 0 <= begin <= end")
             want = int(np.prod(shape, dtype=np.int64)) * DTYPES[dt].itemsize
             if e - s != want:
                 raise CheckpointError(f"{path}: tensor {k}: {e - s} bytes for shape {shape} {dt} (expected {want})")
             if e > data_len:
                 raise CheckpointError(f"{path}: truncated file: tensor {k} ends at byte {self._base + e}, "
                                       f"file has {size} bytes")
+            spans.append((s, e, k))
+        # The tensors tile the data section exactly, as the format requires: no overlap (two names
+        # reading the same bytes) and no gap (bytes no tensor owns).
+        end = 0
+        for s, e, k in sorted(spans):
+            if s != end:
+                what = "overlaps the previous tensor" if s < end else f"leaves a gap of {s - end} bytes before it"
+                raise CheckpointError(f"{path}: tensor {k}: data_offsets {[s, e]} {what} (tensors must be contiguous)")
+            end = e
         self._mm = None
 
     def keys(self):

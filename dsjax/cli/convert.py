@@ -16,7 +16,7 @@ def run(args) -> int:
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src}: no such checkpoint directory")
     target = args.format or ("hf" if native.is_native(src) else "native")
-    model = from_pretrained(src)
+    model = from_pretrained(src, allow_nonfinite=args.allow_nonfinite)
     print(f"loaded {src}: {model}")
     if target == "hf":
         model.save_pretrained(dst, max_shard_size=args.max_shard_size, dtype=args.dtype)
@@ -33,4 +33,5 @@ def register(sub, help_):
     p.add_argument("--format", choices=["hf", "native"], help="target format (default: the other one)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="HF export dtype")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load tensors holding NaN/Inf (refused by default)")
     p.set_defaults(func=run)

@@ -43,7 +43,7 @@ def run(args) -> int:
     from dsjax.infer.chat import chat_prompt, split_reasoning
     from dsjax.infer.generate import stream
 
-    model = dsjax.from_pretrained(args.checkpoint)
+    model = dsjax.from_pretrained(args.checkpoint, allow_nonfinite=args.allow_nonfinite)
     cfg = model.config
     tok = _tokenizer(args.checkpoint)
     if args.chat:
@@ -96,5 +96,6 @@ def register(sub, help_):
     p.add_argument("--think", action="store_true", help="open the assistant turn with <think> (R1)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (greedy only)")
     p.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend bos to a plain prompt")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load tensors holding NaN/Inf (refused by default)")
     p.add_argument("-v", "--verbose", action="store_true", help="timing and reasoning summary on stderr")
     p.set_defaults(func=run)

@@ -8,6 +8,7 @@ Unknown keys anywhere are errors naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -72,6 +73,19 @@ class TrainConfig:
         for f in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every",
                   "keep_checkpoints"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, f"must be a positive integer, got {getattr(self, f)!r}")
+        for f in ("seed", "warmup_steps", "eval_batches"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, f, f"must be an integer >= 0, got {getattr(self, f)!r}")
+        for f, lo, lo_open, hi in (("lr", 0, False, None), ("eps", 0, True, None), ("weight_decay", 0, False, None),
+                                   ("clip_norm", 0, False, None), ("final_lr_ratio", 0, False, 1), ("b1", 0, False, 1),
+                                   ("b2", 0, False, 1), ("mtp_lambda", 0, False, None), ("balance_alpha", 0, False, None),
+                                   ("z_loss", 0, False, None), ("bias_gamma", 0, False, None), ("peak_flops", 0, False, None)):
+            v = getattr(self, f)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > lo if lo_open else v >= lo)
+            need(ok and (hi is None or v <= hi) and not (f in ("b1", "b2") and v == 1), f,
+                 f"must be a finite number {'>' if lo_open else '>='} {lo}" + (f" and < {hi}" if f in ("b1", "b2") else
+                                                                               f" and <= {hi}" if hi else "") + f", got {v!r}")
+        for f in ("async_checkpointing", "progress"):
+            need(isinstance(getattr(self, f), bool), f, f"must be true or false, got {getattr(self, f)!r}")
         need(self.nan_policy in ("stop", "skip"), "nan_policy", f"must be stop or skip, got {self.nan_policy!r}")
         need(self.moment_dtype in ("float32", "bfloat16"), "moment_dtype", f"must be float32 or bfloat16, got {self.moment_dtype!r}")
         need(0 <= self.decay_start_fraction <= self.decay_end_fraction <= 1, "decay_start_fraction",
@@ -174,8 +188,11 @@ def load_train_config(path: str | None, overrides: Sequence[str] = ()) -> TrainC
         model = apply_overrides(model, model_over)
     for k in ("lr", "eps", "weight_decay", "clip_norm", "mtp_lambda", "balance_alpha", "z_loss", "bias_gamma",
               "b1", "b2", "final_lr_ratio", "decay_start_fraction", "decay_end_fraction", "peak_flops"):
-        if k in train_raw:
-            train_raw[k] = float(train_raw[k])
+        if k in train_raw and not isinstance(train_raw[k], bool):
+            try:
+                train_raw[k] = float(train_raw[k])
+            except (TypeError, ValueError):
+                raise ConfigError(f"train config field '{k}': expected a number, got {train_raw[k]!r}") from None
     try:
         return TrainConfig(model=model, data=_data_config(data_raw), mesh=_mesh_config(mesh_raw), **train_raw)
     except TypeError as e:
