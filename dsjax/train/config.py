@@ -3,7 +3,11 @@
 A run YAML has top-level training fields and `model:` (a config name/path, or an inline mapping with an
 optional `base:` name plus field overrides), `data:` and `mesh:` mappings. Command-line overrides are
 `key=value` (training fields) or `model.key=value`, `data.key=value`, `mesh.key=value`.
-Unknown keys anywhere are errors naming the key.
+Unknown keys anywhere are errors naming the key; numeric fields are range-checked on load.
+
+Resuming a workdir with a changed field: bookkeeping and mesh fields change freely, optimiser/loss
+hyper-parameters and `steps` apply from the resumed step, architecture, seed, batch_size, seq_len,
+moment_dtype and the data source are refused (the classes are in dsjax.train.resume).
 """
 from __future__ import annotations
 
