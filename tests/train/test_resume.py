@@ -68,9 +68,10 @@ def test_schedule_fields_resume_with_one_line_each_and_a_torn_metrics_line_is_dr
     with open(wd / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 7.1, "grad_n')  # torn by a crash mid-write
     with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 1 unreadable line\(s\) \(line 5"):
-        rows = train(_cfg("steps=6", "weight_decay=0.0", "lr=0.002", "log_every=2"), str(wd))
+        rows = train(_cfg("steps=6", "weight_decay=0.0", "clip_norm=0", "lr=0.002", "log_every=2"), str(wd))
     err = capsys.readouterr().err
-    assert "resumed from" in err and err.count("resume: ") == 3  # log_every (free) changes silently
+    assert "resumed from" in err and err.count("resume: ") == 4  # log_every (free) changes silently
+    assert "resume: clip_norm 1.0 -> 0.0 applies from step 5" in err
     assert "resume: weight_decay 0.1 -> 0.0 applies from step 5" in err
     assert "resume: lr 0.003 -> 0.002 applies from step 5" in err
     assert "resume: steps 4 -> 6 applies from step 5" in err
