@@ -93,7 +93,11 @@ class MetricsLogger:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # purge_step: TensorBoard drops the earlier files' events from the resumed step on, as
+            # trim_jsonl does for metrics.jsonl (an interrupted run's steps are logged again).
+            # The suffix names the file by its first step (two runs in one second would share a name).
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), filename_suffix=f".from{resume_step + 1}",
+                                    purge_step=resume_step + 1 if resume_step else None)
         except ImportError:
             self.tb = None
 
