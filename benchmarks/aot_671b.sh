@@ -13,10 +13,11 @@ run() {
   echo "== exit status $rc (0 fits, 3 does not fit)"
   return "$rc"
 }
-# v5p-512 (256 chips): FSDP 32 x EP 8, bf16 AdamW moments (V3), 1 x 2048 tokens per chip
-# (configs/pretrain_v3_671b_v5p512.yaml; 4096 tokens per chip needs 101 GiB of the 88.5 GiB HBM).
+# Each run prints per-chip memory against XLA's limit, the largest buffers live at the peak and the
+# estimated step time / MFU (launch/README.md, "Estimated step time").
+# v5p-512 (256 chips): FSDP 32 x EP 8, bf16 AdamW moments (V3) (configs/pretrain_v3_671b_v5p512.yaml).
 run --config configs/pretrain_v3_671b_v5p512.yaml --topology v5p-512 "$@"
 status=$?  # the script's status is v5p-512's: that one must fit
-# v6e-256 (256 chips of 32 GB): the same run; see launch/README.md for why it does not fit.
-run --config configs/pretrain_v3_671b_v5p512.yaml --topology v6e-256 "$@"
+# Two v6e-256 slices over DCN (mesh.dcn=2, 512 chips of 32 GB): configs/pretrain_v3_671b_v6e256x2.yaml.
+run --config configs/pretrain_v3_671b_v6e256x2.yaml --topology v6e-256 "$@"
 exit $status
