@@ -83,7 +83,7 @@ def make_mesh(mcfg: MeshConfig | None = None, devices: Sequence[Any] | None = No
             raise ConfigError(f"mesh config field 'mesh.dcn': {sizes['dcn']} but the devices span {nslices} slice(s)")
         ici = (1,) + shape[1:]
         dcn = (sizes["dcn"],) + (1,) * (len(AXES) - 1)
-        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
     elif devices[0].platform != "cpu":
         try:
             arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
