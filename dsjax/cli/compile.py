@@ -61,7 +61,7 @@ def run(args) -> int:
         print(f"max batch: {best} sequences x {tcfg.seq_len} tokens = {best * tcfg.seq_len / rep.topology.chips:.0f} "
               f"tokens per chip (batch_size={best})")
         return 0
-    rep = aot.compile_report(tcfg, topo, buffers=args.buffers, hbm_limit=limit)
+    rep = aot.compile_report(tcfg, topo, buffers=args.buffers, hbm_limit=limit, hlo_out=args.hlo_out)
     print(rep.text())
     return 0 if rep.fits else EXIT_DOES_NOT_FIT
 
@@ -77,5 +77,6 @@ def register(sub, help_):
                    help="judge 'fits' against this many GiB per chip instead of XLA's limit (headroom)")
     p.add_argument("--buffers", type=int, default=15,
                    help="list this many of the largest buffers live at the memory peak (0: skip the dump)")
+    p.add_argument("--hlo-out", default=None, help="write the optimised HLO text to this file")
     p.add_argument("overrides", nargs="*", help="key=value, model.key=value, mesh.key=value")
     p.set_defaults(func=run)

@@ -271,11 +271,12 @@ def _oom_message(e: Exception) -> str | None:
 
 
 def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int = 0,
-                   hbm_limit: float | None = None) -> Report:
+                   hbm_limit: float | None = None, hlo_out: str | None = None) -> Report:
     """Lower and compile the training step of tcfg (a dsjax.train.config.TrainConfig) for the topology.
     buffers > 0 also lists that many of the largest buffers live at the memory peak (XLA dumps its
     buffer assignment to a temporary folder: slower, more disk). hbm_limit (bytes) judges "fits"
-    against a smaller budget than XLA's limit, e.g. to keep headroom."""
+    against a smaller budget than XLA's limit, e.g. to keep headroom. hlo_out: a path to write the
+    optimised HLO text to (for reading it again without recompiling)."""
     from dsjax.model.params import abstract_params
     from dsjax.parallel import hlo_stats, memory_peak, step_time
     from dsjax.parallel import mesh as pm
@@ -336,7 +337,11 @@ def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int
     rep.alias_bytes = ma.alias_size_in_bytes
     rep.code_bytes = ma.generated_code_size_in_bytes
     slice_of = [getattr(d, "slice_index", 0) for d in mesh.devices.flat]
-    rep.hlo = hlo_stats.hlo_stats(compiled.as_text(), num_devices=len(slice_of), slice_of=slice_of)
+    text = compiled.as_text()
+    if hlo_out:
+        with open(hlo_out, "w") as fh:
+            fh.write(text)
+    rep.hlo = hlo_stats.hlo_stats(text, num_devices=len(slice_of), slice_of=slice_of)
     rep.estimate = step_time.estimate(rep.flops["total"], b * s, topo.chips, topo.chip,
                                       rep.hlo.hbm_bytes, rep.hlo.ici_bytes, rep.hlo.dcn_bytes)
     return rep

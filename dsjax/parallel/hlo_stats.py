@@ -20,8 +20,8 @@ is counted as DCN traffic, otherwise as ICI traffic.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import math
 import re
 
@@ -41,7 +41,7 @@ NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", 
               "copy-done", "async-done", "iota"} | {c + "-done" for c in COLLECTIVES}
 
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\](\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})?")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 
 
@@ -66,6 +66,7 @@ class Instr:
     operands: list[str]
     attrs: str  # everything after the operand list
     const: int | None = None  # the literal of an integer scalar constant
+    root: bool = False
 
 
 def _balanced(s: str, i: int) -> int:
@@ -99,7 +100,7 @@ def parse_instr(line: str) -> Instr | None:
     end = _balanced(rest, om.end() - 1)
     inner = rest[om.end():end - 1]
     const = int(inner) if om.group(1) == "constant" and re.fullmatch(r"-?\d+", inner) else None
-    return Instr(m.group(1), typ, om.group(1), re.findall(r"%([\w.\-]+)", inner), rest[end:], const)
+    return Instr(m.group(2), typ, om.group(1), re.findall(r"%([\w.\-]+)", inner), rest[end:], const, bool(m.group(1)))
 
 
 def parse_module(text: str) -> tuple[dict[str, list[Instr]], str]:
@@ -181,7 +182,7 @@ def _trip_count(w: Instr, comps, types, instrs) -> int | None:
     if m:
         return int(m.group(1))
     cond = comps.get(_attr(w.attrs, "condition") or "", [])
-    root = cond[-1] if cond else None
+    root = next((i for i in cond if i.root), cond[-1]) if cond else None
     if root is None or root.opcode != "compare" or len(root.operands) != 2:
         return None
     local = {i.name: i for i in cond}
@@ -214,6 +215,55 @@ def _init_value(tup: Instr | None, index: int, instrs) -> int | None:
     if ins is None or ins.opcode != "constant":
         return None
     return ins.const
+
+
+def _moved(s: HloStats) -> float:
+    return s.hbm_bytes + s.ici_bytes + s.dcn_bytes
+
+
+def _restore(stats: HloStats, saved: HloStats):
+    for f in dataclasses.fields(HloStats):
+        setattr(stats, f.name, copy.deepcopy(getattr(saved, f.name)))
+
+
+def _hbm_bytes(ins: Instr, comps, types) -> float:
+    """HBM bytes one execution of a top-level instruction reads and writes. In-place and sliced
+    accesses count what they touch: a dynamic-slice reads its result's bytes of its operand, a
+    dynamic-update-slice writes its update into a buffer it does not otherwise read (the stacked
+    per-layer arrays of a scan), also when they are the parameters / root of a fusion."""
+    size = lambda name: array_bytes(types.get(name, ""), hbm_only=True)  # noqa: E731
+    if ins.opcode == "dynamic-slice":
+        return 2 * array_bytes(ins.type, hbm_only=True)
+    if ins.opcode == "dynamic-update-slice":
+        return 2 * size(ins.operands[1])
+    body = comps.get(_attr(ins.attrs, "calls") or "") if ins.opcode == "fusion" else None
+    if not body:
+        return array_bytes(ins.type, hbm_only=True) + sum(size(o) for o in ins.operands)
+    users: dict[str, list[tuple[Instr, int]]] = {}
+    for i in body:
+        for k, o in enumerate(i.operands):
+            users.setdefault(o, []).append((i, k))
+    read = 0.0
+    for i in body:
+        if i.opcode != "parameter":
+            continue
+        use = users.get(i.name, [])
+        if use and all(u.opcode == "dynamic-slice" and k == 0 for u, k in use):
+            read += sum(array_bytes(u.type) for u, _ in use)
+        elif use and all(u.opcode == "dynamic-update-slice" and k == 0 for u, k in use):
+            pass  # updated in place
+        else:
+            read += array_bytes(i.type, hbm_only=True)
+    local = {i.name: i for i in body}
+    root = next((i for i in body if i.root), body[-1])
+    outs = [local.get(o) for o in root.operands] if root is not None and root.opcode == "tuple" else [root]
+    written = 0.0
+    for o in outs:
+        if o is None:
+            continue
+        written += array_bytes(types.get(o.operands[1], "")) if o.opcode == "dynamic-update-slice" \
+            else array_bytes(o.type, hbm_only=True)  # (the update is computed in the fusion: write only)
+    return read + written
 
 
 def hlo_stats(text: str, *, num_devices: int, slice_of: list[int] | None = None) -> HloStats:
@@ -259,13 +309,17 @@ def hlo_stats(text: str, *, num_devices: int, slice_of: list[int] | None = None)
                 walk(_attr(ins.attrs, "body"), mult * trips)
                 walk(_attr(ins.attrs, "condition"), mult * (trips + 1))
                 continue
-            if ins.opcode == "conditional":  # every branch counted: an upper bound
+            if ins.opcode == "conditional":  # one branch runs: count the costliest
                 m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
                 names = re.findall(r"%?([\w.\-]+)", m.group(1)) if m else [
                     _attr(ins.attrs, "true_computation"), _attr(ins.attrs, "false_computation")]
-                for b in names:
-                    if b:
-                        walk(b, mult)
+                before, best = copy.deepcopy(stats), None
+                for b in filter(None, names):
+                    _restore(stats, before)
+                    walk(b, mult)
+                    if best is None or _moved(stats) > _moved(best):
+                        best = copy.deepcopy(stats)
+                _restore(stats, best or before)
                 continue
             if ins.opcode == "call":
                 walk(_attr(ins.attrs, "to_apply"), mult)
@@ -277,8 +331,7 @@ def hlo_stats(text: str, *, num_devices: int, slice_of: list[int] | None = None)
                 scan_for_collectives(_attr(ins.attrs, "calls") or "", mult)
             if ins.opcode in NO_TRAFFIC:
                 continue
-            stats.hbm_bytes += mult * (array_bytes(ins.type, hbm_only=True)
-                                       + sum(array_bytes(types.get(o, ""), hbm_only=True) for o in ins.operands))
+            stats.hbm_bytes += mult * _hbm_bytes(ins, comps, types)
 
     walk(entry, 1.0)
     return stats

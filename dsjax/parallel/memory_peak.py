@@ -118,7 +118,6 @@ def _loop_origins(hlo_text: str, sources: dict[int, str]):
     except ValueError:
         return lambda name: None
     instrs = {i.name: i for c in comps.values() for i in c}
-    roots = set(re.findall(r"^\s*ROOT\s+%?([\w.\-]+)", hlo_text, re.M))
     param_of = {i.name: cname for cname, c in comps.items() for i in c if i.opcode == "parameter"}
     body_of = {i.name: re.search(r"body=%?([\w.\-]+)", i.attrs).group(1) for i in instrs.values() if i.opcode == "while"}
 
@@ -128,11 +127,7 @@ def _loop_origins(hlo_text: str, sources: dict[int, str]):
         return (ins.opcode, op_name.group(1) if op_name else "", sources.get(int(frame.group(1)), "") if frame else "")
 
     while_of_body = {b: w for w, b in body_of.items()}
-    root_of = {cname: c[-1] for cname, c in comps.items() if c}
-    for cname, c in comps.items():  # the ROOT is not always printed last
-        for line_ins in c:
-            if line_ins.name in roots:
-                root_of[cname] = line_ins
+    root_of = {cname: next((i for i in c if i.root), c[-1]) for cname, c in comps.items() if c}
 
     def origin(name: str):
         m = re.fullmatch(r"(.+)\{(\d+)\}", name)
