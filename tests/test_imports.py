@@ -88,5 +88,5 @@ def test_no_import_cycles():
     for m in sorted(known):
         if m not in state:
             visit(m, [m])
-    assert graph["dsjax.parallel.expert_parallel"] >= {"dsjax.model.moe"}
+    assert "dsjax.model.experts" in graph["dsjax.parallel.expert_parallel"]  # the walk sees real edges
     assert not cycles, "\n".join(cycles)

@@ -21,11 +21,10 @@ import jax.numpy as jnp
 from dsjax.config import ModelConfig
 from dsjax.infer.attention import absorbed_attention, prefill_attention
 from dsjax.infer.cache import write_entries
-from dsjax.model.layers import rms_norm, swiglu
-from dsjax.model.moe import moe
+from dsjax.model.layers import rms_norm
 from dsjax.model.mtp import mtp_input
 from dsjax.model.rope import rope_tables
-from dsjax.model.transformer import embed, head
+from dsjax.model.transformer import Block, embed, head
 
 
 def moe_config(cfg: ModelConfig, n_tokens: int, moe_impl: str = "auto") -> ModelConfig:
@@ -47,14 +46,12 @@ def moe_config(cfg: ModelConfig, n_tokens: int, moe_impl: str = "auto") -> Model
 
 
 def _layer(p: dict, x, attn, cfg: ModelConfig, is_moe: bool, moe_cfg: ModelConfig):
-    """One decoder block (as transformer.block) with a pluggable attention that also yields cache entries."""
-    a, entries = attn(p["self_attn"], rms_norm(p["input_layernorm"], x, cfg.rms_norm_eps))
-    h = x + a
-    y = rms_norm(p["post_attention_layernorm"], h, cfg.rms_norm_eps)
-    if is_moe:
-        m, _ = moe(p["mlp"], y, moe_cfg)
-        return h + m, entries
-    return h + swiglu(p["mlp"], y), entries
+    """One decoder block (the model's transformer.Block: its norms and feed-forward half, with moe_cfg's
+    expert path) around an attention attn(mla params, normed x) -> (out, cache entries)."""
+    blk, variables = Block(moe_cfg, is_moe), {"params": p}
+    a, entries = attn(p["self_attn"], blk.apply(variables, x, method=lambda m, x: m.input_norm(x)))
+    out, _ = blk.apply(variables, x + a, method=Block.feed_forward)
+    return out, entries
 
 
 def _stacks(params, cfg):

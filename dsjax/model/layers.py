@@ -1,10 +1,16 @@
-"""The small building blocks every layer uses: RMSNorm, a dense projection and the SwiGLU MLP."""
+"""The small building blocks every layer uses: RMSNorm, a dense projection and the SwiGLU MLP, as
+pure functions and as the Flax modules RMSNorm and MLP; and `param`, how every module of the model
+declares a weight (shape, logical axes, initialiser).
+"""
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 
 def rms_norm(weight: jnp.ndarray, x: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -97,3 +103,61 @@ def swiglu_hidden_grads(g, u, dh):
     s = jax.nn.sigmoid(g)
     sg = g * s  # silu(g)
     return sg * u, dh * u * (s + sg * (1 - s)), dh * sg
+
+
+# ----------------------------------------------------------------------------- parameters and modules
+
+
+class Param(nn.LogicallyPartitioned):
+    """A parameter's Flax metadata: its logical axis names (`names`, mapped to mesh axes by
+    dsjax.parallel.mesh.RULES) and how `dsjax.model.params.init_params` draws it (`init`: normal |
+    ones | zeros). Unboxing never constrains: shardings come from the one rules table."""
+
+    init: str = struct.field(default="normal", pytree_node=False)
+
+    def unbox(self, apply_constraint=True) -> Any:
+        return self.value
+
+
+_INITS = {"ones": nn.initializers.ones, "zeros": nn.initializers.zeros}
+
+
+def param(module: nn.Module, name: str, shape, axes, cfg, init: str = "normal") -> jnp.ndarray:
+    """Declare the weight `name` of `module` (inside setup): shape, logical axes and initialiser
+    (normal(0, cfg.init_std): the V3 report's 0.006; ones; zeros), stored in cfg.param_dtype."""
+    fn = nn.initializers.normal(cfg.init_std) if init == "normal" else _INITS[init]
+    dtype = jnp.dtype(cfg.param_dtype)
+    return module.param(name, lambda key, shape: Param(fn(key, shape, dtype), tuple(axes), init=init), tuple(shape))
+
+
+class RMSNorm(nn.Module):
+    """HF's DeepseekV3RMSNorm. Its weight is the leaf `param_name` of the parent module's parameters (the
+    parent shares its scope with it: `nn.share_scope`), so the parameter tree keeps the checkpoint's
+    names: `model.layers.N.input_layernorm.weight` is params[...]["input_layernorm"]."""
+
+    dim: int
+    param_name: str
+    cfg: Any
+
+    def setup(self):
+        self.w = param(self, self.param_name, (self.dim,), ("norm",), self.cfg, "ones")
+
+    def __call__(self, x):
+        return rms_norm(self.w, x, self.cfg.rms_norm_eps)
+
+
+class MLP(nn.Module):
+    """The SwiGLU feed-forward down(silu(gate(x)) * up(x)) of the dense layers and the shared experts."""
+
+    dim: int
+    inter: int
+    cfg: Any
+
+    def setup(self):
+        d, f, c = self.dim, self.inter, self.cfg
+        self.w = {"gate_proj": param(self, "gate_proj", (d, f), ("embed", "mlp"), c),
+                  "up_proj": param(self, "up_proj", (d, f), ("embed", "mlp"), c),
+                  "down_proj": param(self, "down_proj", (f, d), ("mlp", "embed"), c)}
+
+    def __call__(self, x):
+        return swiglu(self.w, x)

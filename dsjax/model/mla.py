@@ -1,4 +1,5 @@
-"""Multi-head Latent Attention (SPEC.md section 2), as pure functions over a param dict.
+"""Multi-head Latent Attention (DeepSeek-V2 paper, section 2.1), as pure functions over a param dict
+and as the Flax module `MLA` that declares those params and calls them.
 
 Params (JAX kernels are [in, out]):
   q_a_proj [hidden, q_lora], q_a_layernorm [q_lora], q_b_proj [q_lora, heads*qk_head_dim]   (q-LoRA)
@@ -8,11 +9,14 @@ Params (JAX kernels are [in, out]):
 """
 from __future__ import annotations
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.model.layers import dense, rms_norm
+from dsjax.model.layers import dense, param, rms_norm
 from dsjax.model.rope import apply_rope
 from dsjax.parallel.shard import per_shard, token_axes
 
@@ -130,6 +134,38 @@ def _attend_bwd(res, do):
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention: queries through the q-LoRA bottleneck (or q_proj), keys and values
+    from one latent c = RMSNorm(kv_a(x)) shared by every head plus one roped key, causal softmax,
+    o_proj. Parameter names are HF's (`model.layers.N.self_attn.*`); mesh: the mesh the caller runs
+    under (the Pallas kernel runs per device on it)."""
+
+    cfg: ModelConfig
+    mesh: Any = None
+
+    def setup(self):
+        c = self.cfg
+        d, h = c.hidden_size, c.num_attention_heads
+        w = {}
+        if c.q_lora_rank is None:
+            w["q_proj"] = param(self, "q_proj", (d, h * c.qk_head_dim), ("embed", "heads"), c)
+        else:
+            w["q_a_proj"] = param(self, "q_a_proj", (d, c.q_lora_rank), ("embed", "q_lora"), c)
+            w["q_a_layernorm"] = param(self, "q_a_layernorm", (c.q_lora_rank,), ("norm",), c, "ones")
+            w["q_b_proj"] = param(self, "q_b_proj", (c.q_lora_rank, h * c.qk_head_dim), ("q_lora", "heads"), c)
+        w["kv_a_proj_with_mqa"] = param(self, "kv_a_proj_with_mqa", (d, c.kv_lora_rank + c.qk_rope_head_dim),
+                                        ("embed", "kv_lora"), c)
+        w["kv_a_layernorm"] = param(self, "kv_a_layernorm", (c.kv_lora_rank,), ("norm",), c, "ones")
+        w["kv_b_proj"] = param(self, "kv_b_proj", (c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim)),
+                               ("kv_lora", "heads"), c)
+        w["o_proj"] = param(self, "o_proj", (h * c.v_head_dim, d), ("heads", "embed"), c)
+        self.w = w
+
+    def __call__(self, x, cos, sin, segment_ids):
+        """x [b, s, hidden] -> [b, s, hidden] (full, non-absorbed attention: training and prefill)."""
+        return mla(self.w, x, cos, sin, segment_ids, self.cfg, self.mesh)
 
 
 def mla(p: dict, x: jnp.ndarray, cos, sin, segment_ids, cfg: ModelConfig, mesh=None) -> jnp.ndarray:

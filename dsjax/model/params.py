@@ -1,23 +1,25 @@
-"""Parameter declarations: every leaf once, with its shape, logical axes and initialiser.
+"""Parameter declarations: every leaf once, with its shape, logical axes and initialiser, as the Flax
+modules of dsjax.model.transformer declare them (read off an abstract `DeepseekV3.init`).
 
 The tree mirrors the HF checkpoint names (so the safetensors map is nearly the identity), with the
-decoder layers stacked along a leading "layers" axis for `jax.lax.scan`:
+decoder layers stacked along a leading "layers" axis for the scanned stacks:
   embed_tokens [vocab, hidden]   norm [hidden]   lm_head [hidden, vocab]
   dense_layers / moe_layers / mtp_layers: {input_layernorm, self_attn{...}, post_attention_layernorm, mlp{...}}
   mtp_layers additionally: enorm, hnorm, eh_proj [2*hidden, hidden], shared_head_norm.
-Logical axis names are mapped to mesh axes by dsjax.parallel (sharding as data).
+Logical axis names are mapped to mesh axes by dsjax.parallel.mesh.RULES (sharding as data).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.config import ModelConfig
+from dsjax.config import RUNTIME_ONLY, ModelConfig
+from dsjax.model.layers import Param
+from dsjax.model.transformer import DeepseekV3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,74 +32,26 @@ class ParamSpec:
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
 
 
-def _w(shape, axes):
-    return ParamSpec(tuple(shape), tuple(axes))
-
-
-def _norm(n):
-    return ParamSpec((n,), ("norm",), "ones")
-
-
-def attention_specs(cfg: ModelConfig) -> dict:
-    h, d = cfg.num_attention_heads, cfg.hidden_size
-    p = {}
-    if cfg.q_lora_rank is None:
-        p["q_proj"] = _w((d, h * cfg.qk_head_dim), ("embed", "heads"))
-    else:
-        p["q_a_proj"] = _w((d, cfg.q_lora_rank), ("embed", "q_lora"))
-        p["q_a_layernorm"] = _norm(cfg.q_lora_rank)
-        p["q_b_proj"] = _w((cfg.q_lora_rank, h * cfg.qk_head_dim), ("q_lora", "heads"))
-    p["kv_a_proj_with_mqa"] = _w((d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"))
-    p["kv_a_layernorm"] = _norm(cfg.kv_lora_rank)
-    p["kv_b_proj"] = _w((cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim)), ("kv_lora", "heads"))
-    p["o_proj"] = _w((h * cfg.v_head_dim, d), ("heads", "embed"))
-    return p
-
-
-def mlp_specs(d: int, inter: int) -> dict:
-    return {"gate_proj": _w((d, inter), ("embed", "mlp")), "up_proj": _w((d, inter), ("embed", "mlp")),
-            "down_proj": _w((inter, d), ("mlp", "embed"))}
-
-
-def moe_specs(cfg: ModelConfig) -> dict:
-    d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
-    p = {
-        "gate": {"weight": _w((d, e), ("embed", "gate_experts")),
-                 "e_score_correction_bias": ParamSpec((e,), ("gate_experts",), "zeros")},
-        "experts": {"gate_proj": _w((e, d, f), ("experts", "expert_embed", "expert_mlp")),
-                    "up_proj": _w((e, d, f), ("experts", "expert_embed", "expert_mlp")),
-                    "down_proj": _w((e, f, d), ("experts", "expert_mlp", "expert_embed"))},
-    }
-    if cfg.n_shared_experts > 0:
-        p["shared_experts"] = mlp_specs(d, f * cfg.n_shared_experts)
-    return p
-
-
-def block_specs(cfg: ModelConfig, is_moe: bool) -> dict:
-    d = cfg.hidden_size
-    return {"input_layernorm": _norm(d), "self_attn": attention_specs(cfg), "post_attention_layernorm": _norm(d),
-            "mlp": moe_specs(cfg) if is_moe else mlp_specs(d, cfg.intermediate_size)}
-
-
-def _stack(tree: dict, n: int) -> dict:
-    return jax.tree.map(lambda s: ParamSpec((n,) + s.shape, ("layers",) + s.axes, s.init), tree,
-                        is_leaf=lambda x: isinstance(x, ParamSpec))
-
-
 def param_specs(cfg: ModelConfig) -> dict:
-    d, v = cfg.hidden_size, cfg.vocab_size
-    specs: dict[str, Any] = {"embed_tokens": _w((v, d), ("vocab", "embed")), "norm": _norm(d),
-                             "lm_head": _w((d, v), ("embed", "vocab"))}
-    if cfg.num_dense_layers:
-        specs["dense_layers"] = _stack(block_specs(cfg, False), cfg.num_dense_layers)
-    if cfg.num_moe_layers:
-        specs["moe_layers"] = _stack(block_specs(cfg, True), cfg.num_moe_layers)
-    if cfg.num_nextn_predict_layers:
-        mtp = block_specs(cfg, cfg.mtp_is_moe)
-        mtp.update(enorm=_norm(d), hnorm=_norm(d), eh_proj=_w((2 * d, d), ("mtp_concat", "embed")),
-                   shared_head_norm=_norm(d))
-        specs["mtp_layers"] = _stack(mtp, cfg.num_nextn_predict_layers)
-    return specs
+    """The ParamSpec tree of cfg's model: the Flax metadata (`layers.Param`) of every parameter."""
+    # Fields that do not change the parameters are reset, so every variant shares one trace.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in RUNTIME_ONLY}
+    # "dense" experts: the cheapest expert path to trace, on the one token the declaration runs.
+    defaults["moe_impl"] = "dense"
+    return jax.tree.map(lambda s: s, _param_specs(cfg.replace(**defaults)), is_leaf=is_spec)  # a fresh tree
+
+
+@functools.lru_cache(maxsize=32)
+def _param_specs(cfg: ModelConfig) -> dict:
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    boxes = jax.eval_shape(DeepseekV3(cfg).init, jax.random.key(0), tokens)["params"]
+    spec = lambda b: ParamSpec(tuple(b.value.shape), tuple(b.names), b.init)
+    return _plain(jax.tree.map(spec, boxes, is_leaf=lambda x: isinstance(x, Param)))
+
+
+def _plain(tree):
+    """Nested plain dicts (Flax may hand back FrozenDicts)."""
+    return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
 
 
 def is_spec(x) -> bool:

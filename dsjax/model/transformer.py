@@ -1,49 +1,166 @@
-"""The decoder stack: embedding, scanned dense and MoE blocks, final norm, head, and MTP.
+"""DeepSeek-V3 as a functional Flax model: the decoder block, the MTP depth and the whole stack.
 
-`forward(params, tokens, cfg)` is pure: same inputs, same outputs; jit, grad and shard it freely.
+Flax Linen, used through init/apply: `forward(params, tokens, cfg)` is `DeepseekV3(cfg).apply` on a
+plain params pytree, so the model stays a pure function of its parameters (jit, grad, shard freely),
+nothing hides state, and `nn.scan` keeps each stack of identical layers one scanned step (compile time
+flat in depth) with the layer axis a leading axis of every stacked parameter. Linen rather than NNX:
+NNX's modules are mutable objects that have to be split into a graph and a state and merged back
+around every transformed call; Linen's apply takes and returns exactly the pytree that checkpoints,
+optimizers and shardings already use.
+
+Every parameter is declared by the module that uses it, with HF's name, its logical axes and its
+initialiser (dsjax.model.layers.param); the mesh shardings follow from those axes and the one rules
+table in dsjax.parallel.mesh. The tree (HF names, layers stacked along a leading axis):
+  embed_tokens [vocab, hidden]   norm [hidden]   lm_head [hidden, vocab]
+  dense_layers / moe_layers / mtp_layers: {input_layernorm, self_attn{...}, post_attention_layernorm, mlp{...}}
+  mtp_layers additionally: enorm, hnorm, eh_proj [2*hidden, hidden], shared_head_norm.
+The modules compute with the pure functions of dsjax.model.{layers, mla, moe, mtp}.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.model.layers import dense, rms_norm, swiglu
-from dsjax.model.mla import mla
-from dsjax.model.moe import moe
+from dsjax.model.layers import MLP, RMSNorm, dense, param
+from dsjax.model.mla import MLA
+from dsjax.model.moe import MoE
 from dsjax.model.mtp import mtp_input, shifted
 from dsjax.model.rope import rope_tables
-from dsjax.parallel.expert_parallel import experts_under
 
 
-def block(p: dict, x, cos, sin, segment_ids, token_mask, cfg: ModelConfig, is_moe: bool, mesh=None):
-    """One decoder layer: x + MLA(norm(x)), then + MLP or MoE(norm(.)). Returns (x, moe stats | None).
-    mesh: the mesh the caller runs under (None: none); expert parallelism when it has an expert axis."""
-    h = x + mla(p["self_attn"], rms_norm(p["input_layernorm"], x, cfg.rms_norm_eps), cos, sin, segment_ids, cfg,
-                mesh)
-    y = rms_norm(p["post_attention_layernorm"], h, cfg.rms_norm_eps)
-    if is_moe:
-        m, stats = moe(p["mlp"], y, cfg, token_mask, experts_under(mesh, cfg))
-        return h + m, stats
-    return h + swiglu(p["mlp"], y), None
+class Block(nn.Module):
+    """One decoder layer: h = x + MLA(norm(x)), then h + MLP(norm(h)) or h + MoE(norm(h)).
+    Returns (output, MoE statistics or None). mesh: the mesh the caller runs under (None: none);
+    expert parallelism when it has an "expert" axis."""
+
+    cfg: ModelConfig
+    is_moe: bool
+    mesh: Any = None
+
+    def setup(self):
+        c = self.cfg
+        self.input_norm = RMSNorm(c.hidden_size, "input_layernorm", c)
+        self.self_attn = MLA(c, self.mesh)
+        self.post_attention_norm = RMSNorm(c.hidden_size, "post_attention_layernorm", c)
+        self.mlp = MoE(c, self.mesh) if self.is_moe else MLP(c.hidden_size, c.intermediate_size, c)
+        nn.share_scope(self, self.input_norm)
+        nn.share_scope(self, self.post_attention_norm)
+
+    def __call__(self, x, cos, sin, segment_ids, token_mask):
+        h = x + self.self_attn(self.input_norm(x), cos, sin, segment_ids)
+        return self.feed_forward(h, token_mask)
+
+    def feed_forward(self, h, token_mask=None):
+        """The second half: h + MLP(norm(h)) or h + MoE(norm(h)) -> (output, MoE statistics or None)."""
+        y = self.post_attention_norm(h)
+        if self.is_moe:
+            m, stats = self.mlp(y, token_mask)
+            return h + m, stats
+        return h + self.mlp(y), None
 
 
-def _remat(fn, cfg: ModelConfig):
+class MTP(nn.Module):
+    """One multi-token-prediction depth k (DeepSeek-V3 report, section 2.2), a scan step over depths:
+    h'_t = eh_proj([enorm(Emb(token_{t+k})) ; hnorm(h^{k-1}_t)]), h^k = Block(h'),
+    logits_k = head(shared_head_norm(h^k)), with the main model's embedding and head (shared, passed in).
+    Carries h^k; emits (logits_k [b, s, vocab], MoE load [E] or None)."""
+
+    cfg: ModelConfig
+    mesh: Any = None
+
+    def setup(self):
+        c, d = self.cfg, self.cfg.hidden_size
+        self.block = Block(c, c.mtp_is_moe, self.mesh)
+        self.w = {"enorm": param(self, "enorm", (d,), ("norm",), c, "ones"),
+                  "hnorm": param(self, "hnorm", (d,), ("norm",), c, "ones"),
+                  "eh_proj": param(self, "eh_proj", (2 * d, d), ("mtp_concat", "embed"), c)}
+        self.head_norm = RMSNorm(d, "shared_head_norm", c)
+        nn.share_scope(self, self.block)
+        nn.share_scope(self, self.head_norm)
+
+    def __call__(self, h_prev, shifted_k, shared, cos, sin, segment_ids, token_mask):
+        nxt, valid = shifted_k  # token t+k [b, s] and whether it exists in t's row and segment
+        e = embed(shared, nxt, self.cfg) * valid[..., None].astype(h_prev.dtype)
+        x, stats = self.block(mtp_input(self.w, e, h_prev, self.cfg), cos, sin, segment_ids, token_mask)
+        logits = head(shared, self.head_norm(x), self.cfg)
+        return x, (logits, None if stats is None else stats["load"])
+
+
+def _scanned(layer, n: int, in_axes=nn.broadcast, unroll: int = 1):
+    """`layer` repeated n times as one nn.scan over a leading "layers" axis of its parameters; its
+    arguments after the carry are the same at every step unless in_axes says otherwise."""
+    return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
+                   length=n, unroll=unroll, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def _remat(layer, cfg: ModelConfig):
     if cfg.remat_policy == "full":
-        return jax.checkpoint(fn)
+        return nn.remat(layer)
     if cfg.remat_policy == "dots_saveable":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    return fn
+        return nn.remat(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return layer
 
 
-def _scan_blocks(stacked: dict, x, cos, sin, segment_ids, token_mask, cfg: ModelConfig, is_moe: bool, mesh):
-    """Run a stack of identical layers with lax.scan: compile time does not grow with depth."""
+class DeepseekV3(nn.Module):
+    """DeepSeek-V3: embedding, scanned dense then MoE decoder layers, final norm, head, and the MTP depths.
 
-    def body(carry, lp):
-        out, stats = block(lp, carry, cos, sin, segment_ids, token_mask, cfg, is_moe, mesh)
-        return out, stats
+    __call__(tokens [batch, seq] int, positions=None, segment_ids=None, with_mtp=True)
+      -> (logits [batch, seq, vocab] float32, aux); see `forward`."""
 
-    return jax.lax.scan(_remat(body, cfg), x, stacked, unroll=cfg.scan_unroll)
+    cfg: ModelConfig
+    mesh: Any = None
+
+    def setup(self):
+        c = self.cfg
+        d, v = c.hidden_size, c.vocab_size
+        self.embed_tokens = param(self, "embed_tokens", (v, d), ("vocab", "embed"), c)
+        layer = _remat(Block, c)
+        if c.num_dense_layers:
+            self.dense_layers = _scanned(layer, c.num_dense_layers, unroll=c.scan_unroll)(c, False, self.mesh)
+        if c.num_moe_layers:
+            self.moe_layers = _scanned(layer, c.num_moe_layers, unroll=c.scan_unroll)(c, True, self.mesh)
+        self.final_norm = RMSNorm(d, "norm", c)
+        nn.share_scope(self, self.final_norm)
+        self.lm_head = param(self, "lm_head", (d, v), ("embed", "vocab"), c)
+        if c.num_nextn_predict_layers:
+            self.mtp_layers = _scanned(MTP, c.num_nextn_predict_layers, in_axes=(0,) + (nn.broadcast,) * 5)(
+                c, self.mesh)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, with_mtp: bool = True):
+        c = self.cfg
+        b, s = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        token_mask = None if segment_ids is None else (segment_ids != 0)
+        cos, sin = rope_tables(c, positions)
+        shared = {"embed_tokens": self.embed_tokens, "lm_head": self.lm_head}
+        x = embed(shared, tokens, c)
+        aux = {}
+        if c.num_dense_layers:
+            x, _ = self.dense_layers(x, cos, sin, segment_ids, token_mask)
+        if c.num_moe_layers:
+            x, stats = self.moe_layers(x, cos, sin, segment_ids, token_mask)
+            aux["expert_load"], aux["seq_count"], aux["seq_prob"] = stats["load"], stats["seq_count"], stats["seq_prob"]
+        h = self.final_norm(x)
+        logits = head(shared, h, c)
+        aux["hidden"] = h
+        if c.num_nextn_predict_layers and with_mtp:
+            nxt = _all_shifted(tokens, segment_ids, c.num_nextn_predict_layers)
+            _, (mtp_logits, loads) = self.mtp_layers(h, nxt, shared, cos, sin, segment_ids, token_mask)
+            aux["mtp_logits"] = mtp_logits
+            if loads is not None:
+                aux["mtp_expert_load"] = loads
+        return logits, aux
+
+
+def _all_shifted(tokens, segment_ids, depth: int):
+    """(tokens t+k [depth, b, s], valid [depth, b, s]) for k = 1..depth: the MTP scan's inputs."""
+    pairs = [shifted(tokens, segment_ids, k) for k in range(1, depth + 1)]
+    return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
 
 
 def head(params, h, cfg: ModelConfig):
@@ -57,7 +174,8 @@ def embed(params, tokens, cfg: ModelConfig):
 
 def forward(params: dict, tokens: jnp.ndarray, cfg: ModelConfig, *, positions=None, segment_ids=None,
             with_mtp: bool = True, mesh=None):
-    """DeepSeek-V3 forward. tokens [batch, seq] int -> (logits [batch, seq, vocab] float32, aux).
+    """DeepSeek-V3 forward: `DeepseekV3(cfg, mesh).apply` on a params pytree. tokens [batch, seq] int
+    -> (logits [batch, seq, vocab] float32, aux).
 
     mesh: the mesh the caller runs under (None: none). Under a mesh with an "expert" axis of size > 1
     the MoE layers run expert parallelism over it; Pallas kernels run per device under any mesh.
@@ -68,42 +186,9 @@ def forward(params: dict, tokens: jnp.ndarray, cfg: ModelConfig, *, positions=No
          with_mtp, mtp_logits [depth, batch, seq, vocab] (depth k at position t predicts token t+k+1)
          plus mtp_expert_load [depth, E] when the MTP blocks are MoE.
     """
-    b, s = tokens.shape
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    token_mask = None if segment_ids is None else (segment_ids != 0)
-    cos, sin = rope_tables(cfg, positions)
-    x = embed(params, tokens, cfg)
-    aux = {}
-    if cfg.num_dense_layers:
-        x, _ = _scan_blocks(params["dense_layers"], x, cos, sin, segment_ids, token_mask, cfg, False, mesh)
-    if cfg.num_moe_layers:
-        x, stats = _scan_blocks(params["moe_layers"], x, cos, sin, segment_ids, token_mask, cfg, True, mesh)
-        aux["expert_load"], aux["seq_count"], aux["seq_prob"] = stats["load"], stats["seq_count"], stats["seq_prob"]
-    h = rms_norm(params["norm"], x, cfg.rms_norm_eps)
-    logits = head(params, h, cfg)
-    aux["hidden"] = h
-    if cfg.num_nextn_predict_layers and with_mtp:
-        aux.update(mtp_forward(params, h, tokens, cos, sin, segment_ids, token_mask, cfg, mesh))
-    return logits, aux
+    return DeepseekV3(cfg, mesh).apply({"params": params}, tokens, positions, segment_ids, with_mtp)
 
 
-def mtp_forward(params, h_main, tokens, cos, sin, segment_ids, token_mask, cfg: ModelConfig, mesh=None) -> dict:
-    """The MTP depths (dsjax.model.mtp) after the main model: mtp_logits [depth, b, s, vocab] and, when
-    the MTP blocks are MoE, mtp_expert_load [depth, E]."""
-    h_prev = h_main
-    logits, loads = [], []
-    for k in range(1, cfg.num_nextn_predict_layers + 1):
-        p = jax.tree.map(lambda a: a[k - 1], params["mtp_layers"])
-        nxt, valid = shifted(tokens, segment_ids, k)
-        e = embed(params, nxt, cfg) * valid[..., None].astype(h_main.dtype)
-        x = mtp_input(p, e, h_prev, cfg)
-        x, stats = block(p, x, cos, sin, segment_ids, token_mask, cfg, cfg.mtp_is_moe, mesh)
-        logits.append(head(params, rms_norm(p["shared_head_norm"], x, cfg.rms_norm_eps), cfg))
-        if stats is not None:
-            loads.append(stats["load"])
-        h_prev = x
-    out = {"mtp_logits": jnp.stack(logits)}
-    if loads:
-        out["mtp_expert_load"] = jnp.stack(loads)
-    return out
+def block(p: dict, x, cos, sin, segment_ids, token_mask, cfg: ModelConfig, is_moe: bool, mesh=None):
+    """`Block` as a pure function of one layer's parameters. Returns (x, MoE statistics | None)."""
+    return Block(cfg, is_moe, mesh).apply({"params": p}, x, cos, sin, segment_ids, token_mask)

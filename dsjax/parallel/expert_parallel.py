@@ -10,7 +10,7 @@ T local tokens and their top-K choices:
      TPU/GPU: `jax.lax.ragged_all_to_all` (only the real rows travel). CPU, where it does not
      lower: a padded all-to-all whose per-destination buffers hold the worst case,
      T * min(K, E/n) rows, so nothing is ever dropped;
-  3. the local experts over the received rows: dsjax.model.moe.local_experts, the model's own
+  3. the local experts over the received rows: dsjax.model.experts.local_experts, the model's own
      expert paths (blocked / ragged_dot / pallas / dense, per cfg.moe_impl);
   4. the reverse all-to-all, then the weighted combine of each token's K outputs.
 The receive buffer is sized for the worst case (every source sending all its tokens here), which is
@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
 from dsjax.model.layers import varying_axes
-from dsjax.model.moe import combine, local_experts, routed_experts, sort_by_expert
+from dsjax.model.experts import combine, local_experts, routed_experts, sort_by_expert
 from dsjax.parallel.shard import token_axes
 
 EXPERT_AXIS = "expert"
@@ -47,7 +47,7 @@ def expert_axis_size(mesh) -> int:
 def experts_under(mesh, cfg: ModelConfig):
     """The routed-experts function experts(p, x [T, hidden], w [T, K], idx [T, K]) -> [T, hidden] of a
     MoE layer run under `mesh` (None: no mesh): expert-parallel when the mesh has an "expert" axis of
-    size > 1, else every expert on each device (dsjax.model.moe.routed_experts)."""
+    size > 1, else every expert on each device (dsjax.model.experts.routed_experts)."""
     if expert_axis_size(mesh) > 1:
         return lambda p, x, w, idx: routed_experts_ep(p, x, w, idx, cfg, mesh)
     return lambda p, x, w, idx: routed_experts(p, x, w, idx, cfg, mesh)

@@ -6,8 +6,9 @@ Mesh axes, outermost (slowest network) first:
   fsdp    data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
   expert  expert parallelism: routed experts split across devices, tokens sent by all-to-all
   tensor  tensor parallelism: attention heads, MLP width and vocabulary split
-Every parameter carries logical axis names (dsjax.model.params); `RULES` maps them to mesh axes, so
-trying a different sharding is editing one mapping. The batch is split over every axis but "tensor".
+Every parameter carries logical axis names as Flax metadata (dsjax.model.layers.param, read back by
+dsjax.model.params.param_specs); `RULES` maps them to mesh axes, so trying a different sharding is
+editing one mapping. The batch is split over every axis but "tensor".
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
     "batch": BATCH_AXES,
     "seq": None,
-    # parameters (dsjax.model.params)
+    # parameters (the modules of dsjax.model declare them)
     "vocab": "tensor",
     # Dense weights are also split over "expert": outside the routed experts that axis is more FSDP.
     "embed": ("fsdp", "expert"),

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.model import moe
+from dsjax.model import experts
 from dsjax.model.layers import dense, swiglu
 
 
@@ -51,7 +51,7 @@ def test_blocked_experts_mlp_vjp_equals_autodiff():
         return jnp.einsum("nbf,nfd->nbd", jax.nn.silu(g) * u, wd[block_expert])
 
     want, want_grads, ct = _autodiff(plain, wg, wu, wd, xb)
-    got, vjp = jax.vjp(lambda *a: moe._block_mlp(*a, block_expert, e), wg, wu, wd, xb)
+    got, vjp = jax.vjp(lambda *a: experts._block_mlp(*a, block_expert, e), wg, wu, wd, xb)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     grads = vjp(ct)
     for a, b in zip(grads, want_grads):
@@ -71,7 +71,7 @@ def test_capacity_experts_mlp_vjp_equals_autodiff():
                           jnp.einsum("ecd,edf->ecf", xc, wu), wd)
 
     want, want_grads, ct = _autodiff(plain, wg, wu, wd, xc)
-    got, vjp = jax.vjp(moe._capacity_mlp, wg, wu, wd, xc)
+    got, vjp = jax.vjp(experts._capacity_mlp, wg, wu, wd, xc)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(vjp(ct), want_grads):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

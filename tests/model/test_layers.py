@@ -14,7 +14,8 @@ import pytest
 from dsjax.config import ModelConfig, RopeScaling, load_config
 from dsjax.model.layers import rms_norm
 from dsjax.model.mla import mla
-from dsjax.model.moe import expert_capacity, moe, route
+from dsjax.model.experts import expert_capacity
+from dsjax.model.moe import moe, route
 from dsjax.model.params import abstract_params
 from dsjax.model.rope import apply_rope, inv_frequencies, rope_tables, yarn_correction_range
 from dsjax.model.transformer import block, forward

@@ -1,5 +1,5 @@
 """Expert parallelism equals the single-device model. Reference: the same forward/grad run on one
-device without a mesh (dsjax.model.moe's own dropless expert path), float32."""
+device without a mesh (dsjax.model.experts' dropless expert paths), float32."""
 import jax
 import jax.numpy as jnp
 import numpy as np
