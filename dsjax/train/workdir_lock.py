@@ -11,10 +11,13 @@ the error names it and the file to delete once that host is known to be gone.
 gs:// workdir: the same record is written as the object WORKDIR/.lock with the precondition
 `if_generation_match=0` (create only if absent) when google-cloud-storage is importable; a second
 trainer's create fails with 412 and reads the holder from the object. Without that client a gs://
-workdir is not locked, and a warning says so.
+workdir is not locked, and a warning says so. (Untested here: no bucket is reachable from CI. The trainer
+also writes run_config.yaml and metrics.jsonl with local file calls today, so a gs:// workdir needs those
+as object writes too before it runs; a gcsfuse-mounted bucket is a local path and takes the local lock.)
 
-On a pod only process 0 takes the lock (all hosts of one run share the workdir); the other processes
-wait for its verdict at the first collective of the run.
+On a pod only process 0 takes the lock (all hosts of one run share the workdir); the others learn its
+verdict from a broadcast (hold_workdir). A dead holder's pid reused by a new process errs on the safe
+side: the lock is kept and the error names that pid.
 """
 from __future__ import annotations
 
@@ -40,9 +43,12 @@ def _record() -> dict:
 
 def _describe(path: str, rec: dict | None) -> str:
     if not rec:
-        return f"{path}: workdir is locked by another trainer (unreadable lock record)"
+        return (f"{path}: workdir is locked by another trainer (the lock record is unreadable); "
+                f"if no trainer uses this workdir, delete {path}")
+    other_host = rec.get("host") != socket.gethostname()
     return (f"{path}: workdir is in use by another trainer (host {rec.get('host')}, pid {rec.get('pid')}, "
-            f"started {rec.get('start')}); wait for it to finish, or stop it, or use another --workdir")
+            f"started {rec.get('start')}); wait for it to finish, or stop it, or use another --workdir"
+            + (f" (if that host is gone, delete {path})" if other_host else ""))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -144,7 +150,7 @@ class WorkdirLock:
                 holder = json.loads(blob.download_as_text())
             except Exception:  # noqa: BLE001 — the record is informative only
                 holder = None
-            raise WorkdirLockedError(_describe(self.path, holder) + f" (if that host is gone, delete {self.path})") from None
+            raise WorkdirLockedError(_describe(self.path, holder)) from None
         self._gcs_blob = blob
         self._held = True
 
