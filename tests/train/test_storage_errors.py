@@ -54,3 +54,14 @@ def test_disk_full_then_read_only_then_out_is_a_file(small_disk, tmp_path):
     r = run_cli("export", "--workdir", wd, "--out", tmp_path / "hf")
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()) == steps
+
+
+def test_workdir_or_out_that_is_a_file_exits_2_naming_it(tmp_path, capsys):
+    from dsjax.cli import main
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["train", "--workdir", str(f), "steps=1"]) == 2
+    assert f"{f}: cannot write: exists and is a file, not a directory" in capsys.readouterr().err
+    assert main(["train", "--workdir", str(f / "sub"), "steps=1"]) == 2
+    assert "cannot write: a path component is a file, not a directory" in capsys.readouterr().err
