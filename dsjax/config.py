@@ -91,6 +91,10 @@ class ModelConfig:
     # Layers per scan iteration (lax.scan's unroll). 1 keeps compile time flat in depth; unrolling a
     # small model's stack lets XLA:CPU skip the per-iteration residual stacking (cpu_bench: -26% step).
     scan_unroll: int = 1
+    # DeepSeek-V3's FP8 recipe for the dense projections and expert matmuls (dsjax.model.fp8), and
+    # how it runs: auto (native where the device has FP8 units, else emulated) | emulated | native.
+    fp8: bool = False
+    fp8_impl: str = "auto"
 
     def __post_init__(self):
         _validate(self)
@@ -147,7 +151,7 @@ class ModelConfig:
 
 # Fields that change how the model runs, not its parameters: a run may resume with other values.
 RUNTIME_ONLY = frozenset({"dtype", "moe_impl", "moe_block_size", "attention_impl", "kernel_interpret",
-                          "remat_policy", "scan_unroll"})
+                          "remat_policy", "scan_unroll", "fp8", "fp8_impl"})
 # Fields HF's config.json does not have.
 _DSJAX_ONLY = RUNTIME_ONLY | {"init_std", "param_dtype"}
 
@@ -211,6 +215,10 @@ def _validate(c: ModelConfig) -> None:
     need(c.remat_policy in ("none", "full", "dots_saveable"), "remat_policy",
          f"must be none, full or dots_saveable; got {c.remat_policy!r}")
     need(c.moe_block_size > 0, "moe_block_size", f"must be > 0, got {c.moe_block_size}")
+    need(isinstance(c.fp8, bool), "fp8", f"must be true or false, got {c.fp8!r}")
+    need(not (c.fp8 and c.moe_impl == "pallas"), "fp8",
+         "FP8 has no Pallas grouped-matmul kernel yet; use moe_impl blocked or ragged_dot with fp8=true")
+    need(c.fp8_impl in ("auto", "emulated", "native"), "fp8_impl", f"must be auto, emulated or native; got {c.fp8_impl!r}")
     need(isinstance(c.scan_unroll, int) and c.scan_unroll >= 1, "scan_unroll", f"must be an integer >= 1, got {c.scan_unroll!r}")
     need(c.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {c.rms_norm_eps}")
     rs = c.rope_scaling

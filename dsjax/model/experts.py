@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
+from dsjax.model import fp8 as fp8_lib
 from dsjax.model.layers import swiglu_hidden_grads, vary_together
 from dsjax.parallel.shard import per_shard, token_axes
 
@@ -41,10 +42,14 @@ def combine(y_sorted, order, w, t: int, k: int):
     return jnp.einsum("tkd,tk->td", y, w.astype(y.dtype))
 
 
-def _experts_dense(p, x, w, idx, num_experts: int):
+def _experts_dense(p, x, w, idx, num_experts: int, fp8: str | None = None):
     dt = x.dtype
     t = x.shape[0]
     weights = jnp.zeros((t, num_experts), jnp.float32).at[jnp.arange(t)[:, None], idx].add(w)
+    if fp8:  # every expert on every token: x repeated per expert
+        xe = jnp.broadcast_to(x, (num_experts, *x.shape))
+        y = _swiglu_batched_fp8(p["gate_proj"].astype(dt), p["up_proj"].astype(dt), p["down_proj"].astype(dt), xe, fp8)
+        return jnp.einsum("etd,te->td", y, weights.astype(dt))
     g = jnp.einsum("td,edf->etf", x, p["gate_proj"].astype(dt))
     u = jnp.einsum("td,edf->etf", x, p["up_proj"].astype(dt))
     y = jnp.einsum("etf,efd->etd", jax.nn.silu(g) * u, p["down_proj"].astype(dt))
@@ -65,6 +70,10 @@ def _experts_grouped(p, x, w, idx, num_experts: int, matmul):
 
 def _ragged(lhs, rhs, group_sizes):
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+def _ragged_fp8(lhs, rhs, group_sizes):
+    return fp8_lib.ragged_matmul(lhs, rhs, group_sizes, lhs.dtype)
 
 
 def _pallas_gmm(interpret):
@@ -94,6 +103,12 @@ def _swiglu_batched(wg, wu, wd, x):
     g = jnp.einsum("nbd,ndf->nbf", x, wg)
     u = jnp.einsum("nbd,ndf->nbf", x, wu)
     return jnp.einsum("nbf,nfd->nbd", jax.nn.silu(g) * u, wd), g, u
+
+
+def _swiglu_batched_fp8(wg, wu, wd, x, fp8: str):
+    """_swiglu_batched's output with the three products in FP8, differentiated through their FP8 VJPs."""
+    mm = lambda a, w: fp8_lib.batched_matmul(a, w, fp8)
+    return mm(jax.nn.silu(mm(x, wg)) * mm(x, wu), wd)
 
 
 def _swiglu_batched_grads(wg, wu, wd, x, g, u, dy):
@@ -218,7 +233,7 @@ def expert_capacity(num_assignments: int, cfg: ModelConfig) -> int:
     return _capacity(num_assignments, cfg.n_routed_experts, cfg.moe_block_size)
 
 
-def _experts_blocked(p, x, w, idx, num_experts: int, bs: int, capacity: bool = True):
+def _experts_blocked(p, x, w, idx, num_experts: int, bs: int, capacity: bool = True, fp8: str | None = None):
     """Dropless experts on buffers of rows grouped by expert (in token order within an expert).
 
     With `capacity`, when no expert has more rows than the blocked buffer divided evenly over the
@@ -238,18 +253,23 @@ def _experts_blocked(p, x, w, idx, num_experts: int, bs: int, capacity: bool = T
     rows = num_blocks * bs
     dt = x.dtype
     weights = vary_together(p["gate_proj"].astype(dt), p["up_proj"].astype(dt), p["down_proj"].astype(dt), x)
+    # Under FP8 the batched SwiGLU is differentiated through the FP8 products' VJPs (block weights:
+    # through their gather) instead of the hand-written float VJPs.
+    block_mlp = (lambda wg, wu, wd, xb, be, _: _swiglu_batched_fp8(*_block_weights(wg, wu, wd, be), xb, fp8)) \
+        if fp8 else _block_mlp
+    capacity_mlp = functools.partial(_swiglu_batched_fp8, fp8=fp8) if fp8 else _capacity_mlp
 
     def blocked(wg, wu, wd, x):
         padded = (group_sizes + bs - 1) // bs * bs
         pad_end = jnp.cumsum(padded)
         block_expert = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(num_blocks) * bs, side="right"), e - 1)
-        mlp = lambda xr: _block_mlp(wg, wu, wd, xr.reshape(num_blocks, bs, -1), block_expert, e).reshape(rows, -1)
+        mlp = lambda xr: block_mlp(wg, wu, wd, xr.reshape(num_blocks, bs, -1), block_expert, e).reshape(rows, -1)
         return _through_rows(x, w, (pad_end - padded)[flat] + rank, rows, mlp)
 
     cap = _capacity(n, e, bs)
     if capacity and cap > 0:
         def by_capacity(wg, wu, wd, x):
-            mlp = lambda xr: _capacity_mlp(wg, wu, wd, xr.reshape(e, cap, -1)).reshape(e * cap, -1)
+            mlp = lambda xr: capacity_mlp(wg, wu, wd, xr.reshape(e, cap, -1)).reshape(e * cap, -1)
             return _through_rows(x, w, flat * cap + rank, e * cap, mlp)
 
         return jax.lax.cond(group_sizes.max() <= cap, by_capacity, blocked, *weights)
@@ -260,11 +280,11 @@ def routed_experts(p: dict, x: jnp.ndarray, w, idx, cfg: ModelConfig, mesh=None)
     """sum_k w[t, k] * Expert_{idx[t, k]}(x_t) for x [T, hidden], w/idx [T, K], every expert on this
     device (no expert parallelism: dsjax.parallel.expert_parallel wraps `local_experts` for that).
     mesh: the mesh the caller runs under (None: none); the Pallas kernel then runs per device."""
-    e = cfg.n_routed_experts
+    e, fp8 = cfg.n_routed_experts, fp8_lib.mode(cfg)
     if cfg.moe_impl == "dense":
-        return _experts_dense(p, x, w, idx, e)
+        return _experts_dense(p, x, w, idx, e, fp8)
     if cfg.moe_impl == "ragged_dot":
-        return _experts_grouped(p, x, w, idx, e, _ragged)
+        return _experts_grouped(p, x, w, idx, e, _ragged_fp8 if fp8 else _ragged)
     if cfg.moe_impl == "pallas":  # per device under a mesh: XLA does not partition Pallas calls
         def specs(mesh):  # experts replicated (gathered), tokens split over the batch axes
             tok = jax.sharding.PartitionSpec(token_axes(mesh, x.shape[0]) or None)
@@ -272,7 +292,7 @@ def routed_experts(p: dict, x: jnp.ndarray, w, idx, cfg: ModelConfig, mesh=None)
 
         fn = lambda p, x, w, idx: _experts_grouped(p, x, w, idx, e, _pallas_gmm(cfg.kernel_interpret))
         return per_shard(fn, (p, x, w, idx), specs, mesh)
-    return _experts_blocked(p, x, w, idx, e, cfg.moe_block_size)
+    return _experts_blocked(p, x, w, idx, e, cfg.moe_block_size, fp8=fp8)
 
 
 def local_experts(p: dict, rows: jnp.ndarray, ids: jnp.ndarray, num_experts: int, cfg: ModelConfig) -> jnp.ndarray:
@@ -282,11 +302,12 @@ def local_experts(p: dict, rows: jnp.ndarray, ids: jnp.ndarray, num_experts: int
     padding rows. The expert path is cfg.moe_impl's, as in `routed_experts`."""
     valid = ids < num_experts
     ones = valid[:, None].astype(jnp.float32)  # [R, 1]: padding rows get weight 0
+    fp8 = fp8_lib.mode(cfg)
     if cfg.moe_impl in ("ragged_dot", "pallas"):
         # ids == num_experts sort last and fall outside every group: the grouped matmul skips them.
-        mm = _ragged if cfg.moe_impl == "ragged_dot" else _pallas_gmm(cfg.kernel_interpret)
+        mm = (_ragged_fp8 if fp8 else _ragged) if cfg.moe_impl == "ragged_dot" else _pallas_gmm(cfg.kernel_interpret)
         return _experts_grouped(p, rows, ones, ids[:, None], num_experts, mm)
     safe = jnp.where(valid, ids, num_experts - 1)[:, None]  # padding rides along in the last expert
     if cfg.moe_impl == "dense":
-        return _experts_dense(p, rows, ones, safe, num_experts)
-    return _experts_blocked(p, rows, ones, safe, num_experts, cfg.moe_block_size, capacity=False)
+        return _experts_dense(p, rows, ones, safe, num_experts, fp8)
+    return _experts_blocked(p, rows, ones, safe, num_experts, cfg.moe_block_size, capacity=False, fp8=fp8)

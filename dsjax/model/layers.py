@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from dsjax.model import fp8 as fp8_lib
+
 
 def rms_norm(weight: jnp.ndarray, x: jnp.ndarray, eps: float) -> jnp.ndarray:
     """HF's DeepseekV3RMSNorm: normalise in float32, cast back, then scale."""
@@ -37,12 +39,16 @@ def vary_together(*xs):
     return tuple(cast(x, axes - varying_axes(x)) for x in xs)
 
 
-def dense(x: jnp.ndarray, w: jnp.ndarray, out_dtype=None) -> jnp.ndarray:
+def dense(x: jnp.ndarray, w: jnp.ndarray, out_dtype=None, fp8: str | None = None) -> jnp.ndarray:
     """x [..., in] @ w [in, out] (accumulated and returned in out_dtype, default x's), with a
     hand-written VJP that takes the weight gradient as (dy^T x)^T: XLA:CPU transposes the second
     operand of a weight-gradient dot, and dy is usually a fusion of elementwise work (softmax, norm or
     silu derivatives) that it then recomputes in a strided, transposed loop, where x is a plain array.
-    lm head + cross-entropy fwd+bwd at cpu_bench shapes: 47 -> 37 ms; an MLA layer 68 -> 63 ms."""
+    lm head + cross-entropy fwd+bwd at cpu_bench shapes: 47 -> 37 ms; an MLA layer 68 -> 63 ms.
+
+    fp8 ("emulated" | "native", from fp8_lib.mode(cfg)): DeepSeek-V3's FP8 product (dsjax.model.fp8)."""
+    if fp8:
+        return fp8_lib.matmul(*vary_together(x, w), fp8, out_dtype)
     return _dense(*vary_together(x, w), jnp.dtype(out_dtype or x.dtype))
 
 
@@ -70,9 +76,13 @@ def _weight_grad(x, dy):
     return (rows(dy).T @ rows(x)).T
 
 
-def swiglu(params: dict, x: jnp.ndarray) -> jnp.ndarray:
-    """down(silu(gate(x)) * up(x)); kernels are [in, out]."""
+def swiglu(params: dict, x: jnp.ndarray, fp8: str | None = None) -> jnp.ndarray:
+    """down(silu(gate(x)) * up(x)); kernels are [in, out]. fp8: the three products in FP8 (as `dense`),
+    differentiated through their FP8 VJPs."""
     dt = x.dtype
+    if fp8:
+        mm = lambda a, name: dense(a, params[name].astype(dt), fp8=fp8)
+        return mm(jax.nn.silu(mm(x, "gate_proj")) * mm(x, "up_proj"), "down_proj")
     return _swiglu(*vary_together(params["gate_proj"].astype(dt), params["up_proj"].astype(dt),
                                   params["down_proj"].astype(dt), x))
 
@@ -160,4 +170,4 @@ class MLP(nn.Module):
                   "down_proj": param(self, "down_proj", (f, d), ("mlp", "embed"), c)}
 
     def __call__(self, x):
-        return swiglu(self.w, x)
+        return swiglu(self.w, x, fp8=fp8_lib.mode(self.cfg))

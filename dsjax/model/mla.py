@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
+from dsjax.model import fp8 as fp8_lib
 from dsjax.model.layers import dense, param, rms_norm
 from dsjax.model.rope import apply_rope
 from dsjax.parallel.shard import per_shard, token_axes
@@ -23,18 +24,18 @@ from dsjax.parallel.shard import per_shard, token_axes
 
 def project_q(p: dict, x: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
     """Queries before RoPE: [batch, seq, heads, qk_head_dim]."""
-    dt = x.dtype
+    dt, fp8 = x.dtype, fp8_lib.mode(cfg)
     if cfg.q_lora_rank is None:
-        q = dense(x, p["q_proj"].astype(dt))
+        q = dense(x, p["q_proj"].astype(dt), fp8=fp8)
     else:
-        q_a = rms_norm(p["q_a_layernorm"], dense(x, p["q_a_proj"].astype(dt)), cfg.rms_norm_eps)
-        q = dense(q_a, p["q_b_proj"].astype(dt))
+        q_a = rms_norm(p["q_a_layernorm"], dense(x, p["q_a_proj"].astype(dt), fp8=fp8), cfg.rms_norm_eps)
+        q = dense(q_a, p["q_b_proj"].astype(dt), fp8=fp8)
     return q.reshape(*x.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
 
 
 def project_latent(p: dict, x: jnp.ndarray, cos, sin, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
     """What the MLA cache stores per token: normalised latent c [b, s, kv_lora] and roped key [b, s, rope]."""
-    kv_a = dense(x, p["kv_a_proj_with_mqa"].astype(x.dtype))  # [b, s, kv_lora + rope]
+    kv_a = dense(x, p["kv_a_proj_with_mqa"].astype(x.dtype), fp8=fp8_lib.mode(cfg))  # [b, s, kv_lora + rope]
     c = rms_norm(p["kv_a_layernorm"], kv_a[..., : cfg.kv_lora_rank], cfg.rms_norm_eps)
     k_pe = apply_rope(kv_a[..., None, cfg.kv_lora_rank:], cos, sin)[:, :, 0]
     return c, k_pe
@@ -175,7 +176,7 @@ def mla(p: dict, x: jnp.ndarray, cos, sin, segment_ids, cfg: ModelConfig, mesh=N
     h = cfg.num_attention_heads
     q_nope, q_pe = rope_query(project_q(p, x, cfg), cos, sin, cfg)
     c, k_pe = project_latent(p, x, cos, sin, cfg)
-    kv = dense(c, p["kv_b_proj"].astype(x.dtype)).reshape(b, s, h, cfg.qk_nope_head_dim + cfg.v_head_dim)
+    kv = dense(c, p["kv_b_proj"].astype(x.dtype), fp8=fp8_lib.mode(cfg)).reshape(b, s, h, cfg.qk_nope_head_dim + cfg.v_head_dim)
     k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
     q = jnp.concatenate([q_nope, q_pe], axis=-1)  # [b, s, h, qk_head_dim]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (b, s, h, cfg.qk_rope_head_dim))], axis=-1)
@@ -183,6 +184,8 @@ def mla(p: dict, x: jnp.ndarray, cos, sin, segment_ids, cfg: ModelConfig, mesh=N
         o = _pallas_attention(q, k, v, segment_ids, cfg, mesh)
     else:
         o = dot_attention(q, k, v, segment_ids, cfg.softmax_scale)
+    # o_proj stays out of FP8: DeepSeek-V3 keeps the input of the projection after attention in higher
+    # precision (it also feeds attention's backward pass).
     return dense(o.reshape(b, s, h * cfg.v_head_dim), p["o_proj"].astype(x.dtype))
 
 
