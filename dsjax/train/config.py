@@ -38,7 +38,9 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float = 1.0
-    moment_dtype: str = "float32"  # bfloat16 as in V3
+    # Adam moments: float32 | bfloat16 | auto (resolved on construction: bfloat16 under model.fp8, as in
+    # V3's FP8 recipe, else float32)
+    moment_dtype: str = "auto"
     grad_accum: int = 1
     # losses and balancing
     mtp_lambda: float = 0.3
@@ -91,7 +93,10 @@ class TrainConfig:
         for f in ("async_checkpointing", "progress"):
             need(isinstance(getattr(self, f), bool), f, f"must be true or false, got {getattr(self, f)!r}")
         need(self.nan_policy in ("stop", "skip"), "nan_policy", f"must be stop or skip, got {self.nan_policy!r}")
-        need(self.moment_dtype in ("float32", "bfloat16"), "moment_dtype", f"must be float32 or bfloat16, got {self.moment_dtype!r}")
+        if self.moment_dtype == "auto":
+            object.__setattr__(self, "moment_dtype", "bfloat16" if self.model.fp8 else "float32")
+        need(self.moment_dtype in ("float32", "bfloat16"), "moment_dtype",
+             f"must be float32, bfloat16 or auto, got {self.moment_dtype!r}")
         need(0 <= self.decay_start_fraction <= self.decay_end_fraction <= 1, "decay_start_fraction",
              "need 0 <= decay_start_fraction <= decay_end_fraction <= 1")
         need(self.batch_size % self.grad_accum == 0, "grad_accum",

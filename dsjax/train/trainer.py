@@ -82,6 +82,10 @@ def train(tcfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> 
         notes = check_workdir_config(workdir, to_yaml(tcfg))
         mcfg = tcfg.model
         main = jax.process_index() == 0
+        if main and mcfg.fp8:  # whether this backend runs DeepSeek-V3's FP8 recipe natively or emulated
+            from dsjax.model.fp8 import startup_line
+
+            print(startup_line(mcfg), file=sys.stderr)
         mesh, place_state, place_batch = _mesh_setup(tcfg)
         # The steps get the mesh explicitly (expert parallelism over its "expert" axis); it is also set
         # as the current mesh, which Pallas (Mosaic) lowering reads the TPU kind from.
