@@ -253,3 +253,40 @@ def _ragged_bwd(out_dtype, res, dy):
 
 
 ragged_matmul.defvjp(_ragged_fwd, _ragged_bwd)
+
+
+# --- FP8 rows over the network (the MoE dispatch) ----------------------------------------------------
+
+def send_rows(x: jnp.ndarray, move) -> jnp.ndarray:
+    """move(x), a linear movement of rows (an all-to-all), with x [..., d] travelling as E4M3 plus its
+    float32 1x128 tile scales (about half of BF16's bytes) and arriving dequantized in x's dtype: V3's
+    FP8 dispatch. The cotangent goes back through move's transpose in its own dtype (the BF16 combine).
+    The experts quantize the rows again with the same tiles, which gives back the same E4M3 values."""
+    fn, consts = jax.closure_convert(move, x)
+    return _send(x, fn, *consts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _send(x, fn, *consts):
+    t = tiles_along(x.ndim, -1)
+    q, s = quantize(x, t)
+    got_q, got_s = fn(q, *consts), fn(s, *consts)
+    return dequantize(got_q, got_s, tiles_along(got_q.ndim, -1), x.dtype)
+
+
+def _send_fwd(x, fn, *consts):
+    return _send(x, fn, *consts), (consts, jnp.zeros((*x.shape[:-1], 0), x.dtype))  # x's rows and dtype
+
+
+def _send_bwd(fn, res, ct):
+    consts, like = res
+    from dsjax.model.layers import vary_together  # late: layers imports this module
+
+    zero, ct = vary_together(jnp.zeros((*like.shape[:-1], ct.shape[-1]), like.dtype), ct)
+    (dx,) = jax.vjp(lambda a: fn(a, *consts), zero)[1](ct.astype(like.dtype))
+    zeros = tuple(np.zeros(c.shape, jax.dtypes.float0) if not jnp.issubdtype(c.dtype, jnp.inexact)
+                  else jnp.zeros_like(c) for c in consts)
+    return (dx, *zeros)
+
+
+_send.defvjp(_send_fwd, _send_bwd)

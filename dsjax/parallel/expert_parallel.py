@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
+from dsjax.model.fp8 import send_rows
 from dsjax.model.layers import varying_axes
 from dsjax.model.experts import combine, local_experts, routed_experts, sort_by_expert
 from dsjax.parallel.shard import token_axes
@@ -110,7 +111,7 @@ def _padded(xs, send, send_off, m, mine, recv, me, p, *, cfg, n, cap):
     dest = jnp.searchsorted(jnp.cumsum(send), jnp.arange(nk), side="right")  # destination of sorted row i
     slot = dest * cap + (jnp.arange(nk) - send_off[dest])
     buf = jnp.zeros((n * cap, d), xs.dtype).at[slot].set(xs).reshape(n, cap, d)
-    got = jax.lax.all_to_all(buf, EXPERT_AXIS, 0, 0, tiled=False)  # [n(src), cap, d]
+    got = _dispatch(buf, lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=False), cfg)  # [n(src), cap, d]
     # rows from source s: sorted by my local experts, mine[s] rows each; then padding
     ids = jax.vmap(lambda c: _segment_ids(c, cap, el))(mine)  # [n, cap]
     y = local_experts(p, got.reshape(n * cap, d), ids.reshape(-1), el, cfg).reshape(n, cap, d)
@@ -125,8 +126,8 @@ def _ragged(xs, send, send_off, m, mine, recv, me, p, *, cfg, n, cap):
     before = jnp.cumsum(m, axis=0) - m  # [src, dst]: rows other sources put ahead of src at dst
     out_off = before[me]  # where my rows land at each destination
     recv_off = jnp.cumsum(recv) - recv  # where each source's rows sit in my buffer
-    got = jax.lax.ragged_all_to_all(xs, _like(xs, (n * cap, d)), send_off, send, out_off, recv,
-                                    axis_name=EXPERT_AXIS)
+    got = _dispatch(xs, lambda a: jax.lax.ragged_all_to_all(a, _like(a, (n * cap, a.shape[-1])), send_off, send,
+                                                            out_off, recv, axis_name=EXPERT_AXIS), cfg)
     ids = _segment_ids(mine, n * cap, el)  # consecutive (source, local expert) segments
     y = local_experts(p, got, ids, el, cfg)
     # reverse: my rows from source s go back to s at the offset s used for me
@@ -135,6 +136,12 @@ def _ragged(xs, send, send_off, m, mine, recv, me, p, *, cfg, n, cap):
     return jax.lax.ragged_all_to_all(y, _like(y, (nk, d)), recv_off, recv, back_off, send,
                                      axis_name=EXPERT_AXIS)
 
+
+
+def _dispatch(x, move, cfg: ModelConfig):
+    """move(x): the rows to their experts' devices; under cfg.fp8 as E4M3 plus 1x128 scales (V3's FP8
+    dispatch; the combine stays in x's dtype)."""
+    return send_rows(x, move) if cfg.fp8 else move(x)
 
 
 def _like(x, shape):
