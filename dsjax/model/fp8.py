@@ -275,14 +275,12 @@ def _send(x, fn, *consts):
 
 
 def _send_fwd(x, fn, *consts):
-    return _send(x, fn, *consts), (consts, jnp.zeros((*x.shape[:-1], 0), x.dtype))  # x's rows and dtype
+    return _send(x, fn, *consts), (consts, x[..., :0])  # no bytes: x's rows, dtype and mesh-axis type
 
 
 def _send_bwd(fn, res, ct):
     consts, like = res
-    from dsjax.model.layers import vary_together  # late: layers imports this module
-
-    zero, ct = vary_together(jnp.zeros((*like.shape[:-1], ct.shape[-1]), like.dtype), ct)
+    zero = jnp.pad(like, [(0, 0)] * (like.ndim - 1) + [(0, ct.shape[-1])])  # zeros typed like x
     (dx,) = jax.vjp(lambda a: fn(a, *consts), zero)[1](ct.astype(like.dtype))
     zeros = tuple(np.zeros(c.shape, jax.dtypes.float0) if not jnp.issubdtype(c.dtype, jnp.inexact)
                   else jnp.zeros_like(c) for c in consts)
