@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import traceback
 import warnings
 
 import jax
@@ -65,6 +67,24 @@ class _QuietStorageErrors(logging.Filter):
 
 _quiet = _QuietStorageErrors()
 logging.getLogger("absl").addFilter(_quiet)
+logging.getLogger("asyncio").addFilter(_quiet)  # "Task exception was never retrieved" of the failed writes
+
+
+def _late_callback(exc_type, exc, tb) -> bool:
+    """A TensorStore completion calling back into the asyncio loop Orbax already closed after a failed
+    save (printed once per pending write, from C, through sys.excepthook)."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+        return False
+    names = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
+    return names[:1] == ["call_soon_threadsafe"] and names[-1:] == ["_check_closed"]
+
+
+def _excepthook(exc_type, exc, tb, _chained=sys.excepthook):
+    if not _late_callback(exc_type, exc, tb):
+        _chained(exc_type, exc, tb)
+
+
+sys.excepthook = _excepthook
 
 _HANDLERS = {"state": ocp.StandardCheckpointHandler, "data": ocp.JsonCheckpointHandler,
              "checksums": ocp.JsonCheckpointHandler}

@@ -21,9 +21,18 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+# TensorStore completions of the cancelled writes calling into Orbax's closed asyncio loop: printed from
+# C now and then, interleaved with other output (most are filtered in dsjax.train.checkpointing); not
+# ours, and nothing of the run is lost. Their lines are set aside; any other traceback line remains.
+_LATE = ("Traceback (most recent call last):", "RuntimeError: Event loop is closed", "    self._check_closed()",
+         "    raise RuntimeError('Event loop is closed')")
+
+
 def _one_error_line(stderr: str, *needles: str) -> None:
+    stderr = "\n".join(ln for ln in stderr.splitlines()
+                       if ln not in _LATE and not (ln.startswith('  File "') and "asyncio/base_events.py" in ln))
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert "Traceback" not in stderr and len(lines) <= 3, stderr[-3000:]
+    assert not any(ln.startswith(("Traceback", "  File")) for ln in lines) and len(lines) <= 3, stderr[-3000:]
     assert any(all(n in ln for n in needles) and ln.startswith("dsjax ") for ln in lines), stderr[-3000:]
 
 
