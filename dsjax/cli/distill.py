@@ -9,9 +9,9 @@ from __future__ import annotations
 
 def run(args) -> int:
     from dsjax.rl.distill import DistillConfig, distill
-    from dsjax.rl.sft import load_rl_config
+    from dsjax.train.config import load_run_config
 
-    cfg = load_rl_config(DistillConfig, args.config, args.overrides)
+    cfg = load_run_config(DistillConfig, args.config, args.overrides)
     _, kept, stats = distill(cfg, args.workdir)
     print(f"kept {stats['accepted']}/{stats['total']} teacher samples; student in {args.workdir}/student/final")
     return 0
@@ -21,5 +21,5 @@ def register(sub, help_):
     p = sub.add_parser("distill", help=help_, description=__doc__)
     p.add_argument("--config", default=None, help="distill YAML (fields of dsjax.rl.distill.DistillConfig)")
     p.add_argument("--workdir", required=True, help="data, stats and the student's run go here")
-    p.add_argument("overrides", nargs="*", help="key=value, model.key=value or sft.key=value")
+    p.add_argument("overrides", nargs="*", help="key=value, model.key=value, sft.key=value or sft.mesh.key=value")
     p.set_defaults(func=run)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 def run(args) -> int:
     from dsjax.rl.grpo_trainer import GRPOConfig, train_grpo
-    from dsjax.rl.sft import load_rl_config
+    from dsjax.train.config import load_run_config
 
-    cfg = load_rl_config(GRPOConfig, args.config, args.overrides)
+    cfg = load_run_config(GRPOConfig, args.config, args.overrides)
     _, rows = train_grpo(cfg, args.workdir)
     last = rows[-1] if rows else {}
     if "eval_accuracy" in last:
@@ -24,5 +24,5 @@ def register(sub, help_):
     p = sub.add_parser("grpo", help=help_, description=__doc__)
     p.add_argument("--config", default=None, help="GRPO YAML (fields of dsjax.rl.grpo_trainer.GRPOConfig)")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, grpo.png and the final model")
-    p.add_argument("overrides", nargs="*", help="key=value or model.key=value")
+    p.add_argument("overrides", nargs="*", help="key=value, model.key=value or mesh.key=value")
     p.set_defaults(func=run)

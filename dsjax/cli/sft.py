@@ -8,9 +8,10 @@ from __future__ import annotations
 
 
 def run(args) -> int:
-    from dsjax.rl.sft import SFTConfig, load_rl_config, sft
+    from dsjax.rl.sft import SFTConfig, sft
+    from dsjax.train.config import load_run_config
 
-    cfg = load_rl_config(SFTConfig, args.config, args.overrides)
+    cfg = load_run_config(SFTConfig, args.config, args.overrides)
     _, rows = sft(cfg, args.workdir)
     if rows:
         print(f"step {rows[-1]['step']}: loss {rows[-1]['loss']:.4f}; model in {args.workdir}/final, "
@@ -22,5 +23,5 @@ def register(sub, help_):
     p = sub.add_parser("sft", help=help_, description=__doc__)
     p.add_argument("--config", default=None, help="SFT YAML (fields of dsjax.rl.sft.SFTConfig)")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and the final model go here")
-    p.add_argument("overrides", nargs="*", help="key=value or model.key=value")
+    p.add_argument("overrides", nargs="*", help="key=value, model.key=value or mesh.key=value")
     p.set_defaults(func=run)

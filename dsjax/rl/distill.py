@@ -17,8 +17,9 @@ from dsjax.errors import DataError
 from dsjax.rl.distill_filter import rejection_filter
 from dsjax.rl.rewards import resolve_reward
 from dsjax.rl.rollout import PROMPT_STYLES, decode_completions, encode_prompt, sample_completions
-from dsjax.rl.sft import SFTConfig, _check_positive, config_to_yaml, load_policy, sft
+from dsjax.rl.sft import SFTConfig, load_policy, sft
 from dsjax.rl.toy_task import check_max_value
+from dsjax.train.config import check_positive, to_yaml
 
 # A stub-able teacher: (problems, prompt token ids) -> one completion text per problem.
 TeacherFn = Callable[[Sequence[dict], Sequence[Sequence[int]]], Sequence[str]]
@@ -49,7 +50,7 @@ class DistillConfig:
         if self.sft.model != self.model:
             object.__setattr__(self, "sft", dataclasses.replace(self.sft, model=self.model))
         check_max_value(self)
-        _check_positive(self, ("num_prompts", "samples_per_prompt", "max_new_tokens", "sample_batch"))
+        check_positive(self, ("num_prompts", "samples_per_prompt", "max_new_tokens", "sample_batch"))
         if self.prompt_style not in PROMPT_STYLES:
             raise ConfigError(f"DistillConfig field 'prompt_style': one of {PROMPT_STYLES}, got {self.prompt_style!r}")
         try:
@@ -91,6 +92,9 @@ def distill(dcfg: DistillConfig, workdir: str, *, teacher=None, problems=None, t
     from dsjax.rl.grpo_trainer import load_problems
     from dsjax.train.tokenizer import load_tokenizer
 
+    from dsjax.train import engine
+
+    engine.start_runtime()
     os.makedirs(workdir, exist_ok=True)
     tok = tokenizer or load_tokenizer(dcfg.tokenizer)
     if teacher is None:
@@ -101,7 +105,7 @@ def distill(dcfg: DistillConfig, workdir: str, *, teacher=None, problems=None, t
         problems = load_problems(dcfg.task, "train", dcfg.num_prompts, seed=dcfg.seed, difficulty=dcfg.difficulty,
                                  max_value=dcfg.max_value)
     with open(os.path.join(workdir, "run_config.yaml"), "w") as f:
-        f.write(config_to_yaml(dcfg))
+        f.write(to_yaml(dcfg))
     samples = sample_teacher(teacher, problems, tok, dcfg)
     kept, stats = rejection_filter(samples, dcfg.reward, dcfg.threshold)
     with open(os.path.join(workdir, "distill_data.jsonl"), "w") as f:

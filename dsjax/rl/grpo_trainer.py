@@ -14,27 +14,26 @@ import json
 import os
 import sys
 import time
-import types
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from dsjax.config import ConfigError, ModelConfig, load_config
+from dsjax.config import ConfigError, ModelConfig
 from dsjax.errors import DataError
 from dsjax.rl.grpo import group_advantages, grpo_loss
 from dsjax.rl.rewards import accuracy_reward, combine_rewards, format_reward, resolve_reward
 from dsjax.rl.rollout import (PROMPT_STYLES, decode_completions, encode_prompt, logprob_fn, pack_rollouts,
                               sample_completions)
-from dsjax.rl.sft import FINAL_DIR, _check_positive, config_to_yaml, load_policy
+from dsjax.rl.sft import FINAL_DIR, load_policy
 from dsjax.rl.toy_task import check_max_value, make_problems
-from dsjax.train.step import jit_step
+from dsjax.train import engine
+from dsjax.train.config import RunConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class GRPOConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPOConfig(RunConfig):
     init: str = "random"  # start policy: "random", a checkpoint dir, or a dsjax train/sft/grpo workdir
     ref: str | None = None  # frozen reference; None = the start policy
     tokenizer: str | None = None
@@ -47,7 +46,6 @@ class GRPOConfig:
     num_eval_problems: int = 200
     prompt_style: str = "chat"  # chat | raw (see dsjax.rl.rollout.encode_prompt)
     # sampling
-    steps: int = 50
     prompts_per_step: int = 8
     group_size: int = 8
     max_new_tokens: int = 64
@@ -62,31 +60,30 @@ class GRPOConfig:
     scale_by_std: bool = True
     rewards: tuple = ("accuracy", "format")
     reward_weights: tuple = (1.0, 0.5)
-    # optimiser (constant lr after warm-up by default)
+    plot: bool = True
+    # RunConfig defaults that differ for GRPO: constant lr after (no) warm-up, Adam b2 0.99, no decay
+    steps: int = 50
     lr: float = 1e-4
     warmup_steps: int = 0
     decay_start_fraction: float = 1.0
     decay_end_fraction: float = 1.0
     final_lr_ratio: float = 1.0
-    b1: float = 0.9
     b2: float = 0.99
-    eps: float = 1e-8
     weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    moment_dtype: str = "float32"
-    # bookkeeping
-    seed: int = 0
     log_every: int = 1
     eval_every: int = 0  # 0: only before the first and after the last step
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
-    plot: bool = True
-    progress: bool = True
-    model: ModelConfig = dataclasses.field(default_factory=lambda: load_config("tiny"))
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.mu
 
     def __post_init__(self):
-        _check_positive(self, ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "log_every",
-                               "checkpoint_every", "keep_checkpoints", "difficulty"))
+        super().__post_init__()
+        self.check_positive("prompts_per_step", "group_size", "max_new_tokens", "mu", "difficulty")
+        # grpo_loss normalises by the whole batch's completion and token counts: not split into micro-batches.
+        self.need(self.grad_accum == 1, "grad_accum", f"GRPO takes its batch of rollouts whole (1), got {self.grad_accum}")
         check_max_value(self)
         if self.group_size < 2:
             raise ConfigError("GRPOConfig field 'group_size': needs >= 2 completions per prompt to compare")
@@ -138,36 +135,35 @@ def load_problems(task: str, split: str, n: int, *, seed: int, difficulty: int, 
 # The update
 # ---------------------------------------------------------------------------------------------------
 
-def optimizer_config(gcfg: GRPOConfig, model_cfg: ModelConfig):
-    """What dsjax.train.optim.make_optimizer reads; its `steps` counts optimiser updates (steps * mu)."""
-    names = ("lr", "warmup_steps", "decay_start_fraction", "decay_end_fraction", "final_lr_ratio", "b1", "b2", "eps",
-             "weight_decay", "clip_norm", "moment_dtype", "seed")
-    return types.SimpleNamespace(**{k: getattr(gcfg, k) for k in names}, steps=gcfg.steps * gcfg.mu, model=model_cfg)
+def optimizer_config(gcfg: GRPOConfig, model_cfg: ModelConfig) -> GRPOConfig:
+    """The config dsjax.train.step / optim read for a policy with `model_cfg` (its schedule spans
+    optimizer_steps = steps * mu updates)."""
+    return dataclasses.replace(gcfg, model=model_cfg)
+
+
+def grpo_objective(model_cfg: ModelConfig, gcfg: GRPOConfig, mesh=None):
+    """loss(params, batch) -> (loss, metrics): the GRPO loss of the current policy on a batch of rollouts.
+
+    batch: tokens/segment_ids [B, L], mask [B, L-1], advantages [B], logp_old/logp_ref [B, L-1].
+    mesh: the mesh the step runs under."""
+    from dsjax.rl.rollout import sequence_logprobs
+
+    def loss(params, b):
+        logp_new = sequence_logprobs(params, b["tokens"], b["segment_ids"], model_cfg, gcfg.temperature, mesh)
+        value, m = grpo_loss(logp_new, b["logp_old"], b["logp_ref"], b["advantages"], b["mask"],
+                             clip_eps=gcfg.clip_eps, beta=gcfg.beta, aggregation=gcfg.aggregation)
+        return value, dict(m, loss=value)
+
+    return loss
 
 
 def make_update(model_cfg: ModelConfig, gcfg: GRPOConfig):
-    """update(state, batch) -> (state, metrics): one optimiser step on the GRPO loss.
+    """update(state, batch) -> (state, metrics): one optimiser step on the GRPO loss (the engine's step,
+    dsjax.train.step.make_step). The metrics (loss, clip_frac, kl, ratio) are those of the parameters
+    *before* the update."""
+    from dsjax.train.step import make_step
 
-    batch: tokens/segment_ids [B, L], mask [B, L-1], advantages [B], logp_old/logp_ref [B, L-1].
-    The metrics (loss, clip_frac, kl, ratio) are those of the parameters *before* the update."""
-    from dsjax.rl.rollout import sequence_logprobs
-    from dsjax.train.optim import make_optimizer
-    from dsjax.train.step import TrainState
-
-    tx = make_optimizer(optimizer_config(gcfg, model_cfg))
-
-    def loss_fn(params, b):
-        logp_new = sequence_logprobs(params, b["tokens"], b["segment_ids"], model_cfg, gcfg.temperature)
-        return grpo_loss(logp_new, b["logp_old"], b["logp_ref"], b["advantages"], b["mask"], clip_eps=gcfg.clip_eps,
-                         beta=gcfg.beta, aggregation=gcfg.aggregation)
-
-    def update(state, b):
-        (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, b)
-        updates, opt_state = tx.update(g, state.opt_state, state.params)
-        m = dict(m, loss=loss, grad_norm=optax.global_norm(g))
-        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state, state.rng), m
-
-    return update
+    return make_step(optimizer_config(gcfg, model_cfg), model_cfg, grpo_objective(model_cfg, gcfg))
 
 
 def grpo_inner_steps(update_fn, state, batch: Mapping, mu: int):
@@ -200,8 +196,91 @@ def evaluate(model, problems: Sequence[dict], tokenizer, *, max_new_tokens: int,
 
 
 # ---------------------------------------------------------------------------------------------------
-# The loop
+# The task: rollouts as batches, mu updates on each, the R1-Zero curves as log rows
 # ---------------------------------------------------------------------------------------------------
+
+class GRPOTask(engine.Task):
+    name = "grpo"
+
+    def __init__(self, gcfg: GRPOConfig, problems, eval_problems, tok, ref_params, verbose: bool):
+        self.cfg, self.problems, self.eval_problems, self.tok = gcfg, problems, eval_problems, tok
+        self.eval_at_start = bool(eval_problems)
+        self.verbose = verbose
+        self.ref_params = ref_params
+        self.reward_fn = combine_rewards(list(gcfg.rewards), list(gcfg.reward_weights))
+        self.prompt_ids = [encode_prompt(p, tok, gcfg.prompt_style) for p in problems]
+        self.row_len = -(-(max(len(p) for p in self.prompt_ids) + gcfg.max_new_tokens) // 32) * 32
+        if self.row_len > gcfg.model.max_position_embeddings:
+            raise ConfigError(f"longest prompt + max_new_tokens ({self.row_len}) exceeds max_position_embeddings")
+
+    def start(self, run):
+        self.run = run
+        self.loss = grpo_objective(self.cfg.model, self.cfg, run.mesh)
+        self.logp = logprob_fn(self.cfg.model, float(self.cfg.temperature), run.mesh)
+        # Frozen, on the mesh. A copy: the update donates the policy's buffers, which the reference may share.
+        self.ref_params = run.place_params(jax.tree.map(jnp.copy, self.ref_params))
+
+    def next_batch(self, step, state):
+        from dsjax.api import Model
+
+        g, tok = self.cfg, self.tok
+        self.t0 = time.perf_counter()
+        # The prompt order is a fixed function of (seed, step): a resumed run sees the same prompts.
+        pick = np.random.default_rng([g.seed, step]).choice(len(self.problems), g.prompts_per_step,
+                                                            replace=len(self.problems) < g.prompts_per_step)
+        probs = [self.problems[i] for i in pick]
+        rep_prompts = [self.prompt_ids[i] for i in pick for _ in range(g.group_size)]
+        rep_probs = [p for p in probs for _ in range(g.group_size)]
+        comps = sample_completions(Model(state.params, g.model), rep_prompts, max_new_tokens=g.max_new_tokens,
+                                   temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                                   seed=g.seed * 1_000_003 + step, stop_tokens=[tok.eos_id], pad_id=tok.pad_id)
+        self.t_sample = time.perf_counter() - self.t0
+        texts = decode_completions(comps, tok)
+        self.rewards = np.array([self.reward_fn(p["prompt"], t, p) for p, t in zip(rep_probs, texts)], np.float32)
+        self.acc = np.array([accuracy_reward(p["prompt"], t, p) for p, t in zip(rep_probs, texts)])
+        self.fmt = np.array([format_reward(p["prompt"], t, p) for p, t in zip(rep_probs, texts)])
+        adv = group_advantages(self.rewards.reshape(g.prompts_per_step, g.group_size),
+                               scale_by_std=g.scale_by_std).reshape(-1)
+        rb = pack_rollouts(rep_prompts, comps, self.row_len, tok.pad_id)
+        self.completion_lens = rb.completion_lens
+        batch = self.run.place_batch({"tokens": rb.tokens, "segment_ids": rb.segment_ids, "mask": rb.mask,
+                                      "advantages": np.asarray(adv, np.float32)})
+        batch["logp_old"] = self.logp(state.params, batch["tokens"], batch["segment_ids"])
+        batch["logp_ref"] = self.logp(self.ref_params, batch["tokens"], batch["segment_ids"]) if g.beta \
+            else batch["logp_old"]
+        return batch
+
+    def tokens(self, batch):
+        return float(self.completion_lens.sum())
+
+    def row(self, step, inner, seconds, tokens):
+        g, n_new = self.cfg, int(self.completion_lens.sum())
+        return {"step": step, "reward": float(self.rewards.mean()), "accuracy": float(self.acc.mean()),
+                "format": float(self.fmt.mean()), "response_length": float(self.completion_lens.mean()),
+                "kl": inner[0]["kl"], "clip_frac": float(np.mean([m["clip_frac"] for m in inner])),
+                "loss": inner[0]["loss"], "loss_last_inner": inner[-1]["loss"], "grad_norm": inner[0]["grad_norm"],
+                "zero_std_groups": float((self.rewards.reshape(g.prompts_per_step, -1).std(-1) == 0).mean()),
+                "rollout_tokens": n_new, "rollout_seconds": self.t_sample,
+                "rollout_tokens_per_sec": n_new / max(self.t_sample, 1e-9),
+                "step_time": time.perf_counter() - self.t0}
+
+    def evaluate(self, params):
+        from dsjax.api import Model
+
+        if not self.eval_problems:
+            return {}
+        e = evaluate(Model(params, self.cfg.model), self.eval_problems, self.tok,
+                     max_new_tokens=self.cfg.max_new_tokens, prompt_style=self.cfg.prompt_style)
+        if self.verbose:
+            print(f"grpo: held-out accuracy {e['accuracy']:.3f} format {e['format']:.3f}", file=sys.stderr)
+        return {f"eval_{k}": v for k, v in e.items()}
+
+    def describe(self, row):
+        if "reward" not in row:
+            return {}
+        return {"reward": f"{row['reward']:.3f}", "acc": f"{row['accuracy']:.3f}", "kl": f"{row['kl']:.4f}",
+                "len": f"{row['response_length']:.1f}"}
+
 
 def train_grpo(gcfg: GRPOConfig, workdir: str, *, model=None, ref_model=None, problems=None, eval_problems=None,
                tokenizer=None, verbose: bool = True) -> tuple:
@@ -209,12 +288,9 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, model=None, ref_model=None, pr
     the final model (workdir/final). `model`/`ref_model`/`problems` override the config's sources."""
     from dsjax.api import Model
     from dsjax.checkpoint import native
-    from dsjax.train.checkpointing import Checkpointer, abstract_of
-    from dsjax.train.metrics import MetricsLogger
-    from dsjax.train.step import init_state
     from dsjax.train.tokenizer import load_tokenizer
 
-    os.makedirs(workdir, exist_ok=True)
+    engine.start_runtime()
     tok = tokenizer or load_tokenizer(gcfg.tokenizer)
     kw = dict(seed=gcfg.seed, difficulty=gcfg.difficulty, max_value=gcfg.max_value)
     if problems is None:  # the data first: a bad path fails before any model is built
@@ -222,102 +298,13 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, model=None, ref_model=None, pr
     if eval_problems is None and (gcfg.eval_task or gcfg.task == "toy"):
         eval_problems = load_problems(gcfg.eval_task or "toy", "test", gcfg.num_eval_problems, **kw)
     policy = model if model is not None else load_policy(gcfg.init, gcfg.model, gcfg.seed)
-    cfg = policy.config
-    ref = ref_model if ref_model is not None else (load_policy(gcfg.ref, cfg, gcfg.seed) if gcfg.ref else policy)
-    # Frozen. A copy, because the update donates (reuses) the policy's buffers, which the reference may share.
-    ref_params = jax.tree.map(jnp.copy, ref.params)
-    with open(os.path.join(workdir, "run_config.yaml"), "w") as f:
-        f.write(config_to_yaml(dataclasses.replace(gcfg, model=cfg)))
-
-    reward_fn = combine_rewards(list(gcfg.rewards), list(gcfg.reward_weights))
-    prompt_ids = [encode_prompt(p, tok, gcfg.prompt_style) for p in problems]
-    row_len = -(-(max(len(p) for p in prompt_ids) + gcfg.max_new_tokens) // 32) * 32
-    if row_len > cfg.max_position_embeddings:
-        raise ConfigError(f"longest prompt + max_new_tokens ({row_len}) exceeds max_position_embeddings")
-
-    state = init_state(jax.tree.map(jnp.copy, policy.params), optimizer_config(gcfg, cfg))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=gcfg.keep_checkpoints, async_save=False)
-    start = 0
-    restored = ckpt.restore(abstract_of(state))
-    if restored is not None:
-        start, state, _ = restored
-        if verbose:
-            print(f"grpo: resumed from {ckpt.directory}/{start}", file=sys.stderr)
-    logger = MetricsLogger(workdir, start)
-    update = jit_step(make_update(cfg, gcfg), donate_argnums=0)
-    logp = logprob_fn(cfg, float(gcfg.temperature))
-    order_rng = np.random.default_rng([gcfg.seed, 7])
-    rows: list[dict] = []
-
-    def run_eval(step, row):
-        if eval_problems:
-            e = evaluate(Model(state.params, cfg), eval_problems, tok, max_new_tokens=gcfg.max_new_tokens,
-                         prompt_style=gcfg.prompt_style)
-            row.update({f"eval_{k}": v for k, v in e.items()})
-            if verbose:
-                print(f"grpo step {step}: held-out accuracy {e['accuracy']:.3f} format {e['format']:.3f}",
-                      file=sys.stderr)
-
-    try:
-        if start == 0 and eval_problems:
-            row = {"step": 0}
-            run_eval(0, row)
-            logger.log(row)
-            rows.append(row)
-        for step in range(start + 1, gcfg.steps + 1):
-            t0 = time.perf_counter()
-            # The prompt order is a fixed function of (seed, step): a resumed run sees the same prompts.
-            pick = np.random.default_rng([gcfg.seed, step]).choice(len(problems), gcfg.prompts_per_step,
-                                                                   replace=len(problems) < gcfg.prompts_per_step)
-            probs = [problems[i] for i in pick]
-            rep_prompts = [prompt_ids[i] for i in pick for _ in range(gcfg.group_size)]
-            rep_probs = [p for p in probs for _ in range(gcfg.group_size)]
-            comps = sample_completions(Model(state.params, cfg), rep_prompts, max_new_tokens=gcfg.max_new_tokens,
-                                       temperature=gcfg.temperature, top_k=gcfg.top_k, top_p=gcfg.top_p,
-                                       seed=gcfg.seed * 1_000_003 + step, stop_tokens=[tok.eos_id],
-                                       pad_id=tok.pad_id)
-            t_sample = time.perf_counter() - t0
-            texts = decode_completions(comps, tok)
-            rewards = np.array([reward_fn(p["prompt"], t, p) for p, t in zip(rep_probs, texts)], np.float32)
-            acc = np.array([accuracy_reward(p["prompt"], t, p) for p, t in zip(rep_probs, texts)])
-            fmt = np.array([format_reward(p["prompt"], t, p) for p, t in zip(rep_probs, texts)])
-            adv = group_advantages(rewards.reshape(gcfg.prompts_per_step, gcfg.group_size),
-                                   scale_by_std=gcfg.scale_by_std).reshape(-1)
-            rb = pack_rollouts(rep_prompts, comps, row_len, tok.pad_id)
-            tokens, seg, mask = jnp.asarray(rb.tokens), jnp.asarray(rb.segment_ids), jnp.asarray(rb.mask)
-            logp_old = logp(state.params, tokens, seg)
-            logp_ref = logp(ref_params, tokens, seg) if gcfg.beta else logp_old
-            batch = {"tokens": tokens, "segment_ids": seg, "mask": mask, "advantages": adv,
-                     "logp_old": logp_old, "logp_ref": logp_ref}
-            state, inner = grpo_inner_steps(update, state, batch, gcfg.mu)
-            dt = time.perf_counter() - t0
-            n_new = int(rb.completion_lens.sum())
-            row = {"step": step, "reward": float(rewards.mean()), "accuracy": float(acc.mean()),
-                   "format": float(fmt.mean()), "response_length": float(rb.completion_lens.mean()),
-                   "kl": inner[0]["kl"], "clip_frac": float(np.mean([m["clip_frac"] for m in inner])),
-                   "loss": inner[0]["loss"], "loss_last_inner": inner[-1]["loss"],
-                   "grad_norm": inner[0]["grad_norm"],
-                   "zero_std_groups": float((rewards.reshape(gcfg.prompts_per_step, -1).std(-1) == 0).mean()),
-                   "rollout_tokens": n_new, "rollout_seconds": t_sample,
-                   "rollout_tokens_per_sec": n_new / max(t_sample, 1e-9), "step_time": dt}
-            if gcfg.eval_every and step % gcfg.eval_every == 0 and step != gcfg.steps:
-                run_eval(step, row)
-            if step == gcfg.steps:
-                run_eval(step, row)
-            if step % gcfg.log_every == 0 or step == gcfg.steps or "eval_accuracy" in row:
-                logger.log(row)
-                rows.append(row)
-                if verbose and gcfg.progress:
-                    print(f"grpo step {step}/{gcfg.steps}: reward {row['reward']:.3f} acc {row['accuracy']:.3f} "
-                          f"fmt {row['format']:.3f} len {row['response_length']:.1f} kl {row['kl']:.4f} "
-                          f"clip {row['clip_frac']:.3f} ({dt:.1f}s)", file=sys.stderr)
-            if step % gcfg.checkpoint_every == 0 or step == gcfg.steps:
-                ckpt.save(step, state, {"step": step})
-    finally:
-        ckpt.close()
-        logger.close()
-    final = Model(state.params, cfg)
-    native.save(final.params, cfg, os.path.join(workdir, FINAL_DIR))
+    gcfg = optimizer_config(gcfg, policy.config)
+    ref = ref_model if ref_model is not None else (load_policy(gcfg.ref, gcfg.model, gcfg.seed) if gcfg.ref
+                                                   else policy)
+    task = GRPOTask(gcfg, problems, eval_problems, tok, ref.params, verbose)
+    state, rows = engine.run(task, workdir, policy.params, verbose=verbose)
+    final = Model(state.params, gcfg.model)
+    native.save(final.params, gcfg.model, os.path.join(workdir, FINAL_DIR))
     if gcfg.plot:
         from dsjax.rl.plot import plot_grpo
 

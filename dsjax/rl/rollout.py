@@ -86,10 +86,11 @@ def pack_rollouts(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
     return RolloutBatch(tokens, seg, mask, pl, cl)
 
 
-def sequence_logprobs(params, tokens, segment_ids, cfg: ModelConfig, temperature: float = 1.0):
+def sequence_logprobs(params, tokens, segment_ids, cfg: ModelConfig, temperature: float = 1.0, mesh=None):
     """log pi(tokens[:, t+1] | tokens[:, :t+1]) for t < L-1 -> [B, L-1] float32, with the logits divided
-    by the sampling temperature (the distribution the completions were drawn from)."""
-    logits, _ = forward(params, tokens, cfg, segment_ids=segment_ids, with_mtp=False)
+    by the sampling temperature (the distribution the completions were drawn from). mesh: the mesh
+    the caller runs under (expert parallelism over its "expert" axis)."""
+    logits, _ = forward(params, tokens, cfg, segment_ids=segment_ids, with_mtp=False, mesh=mesh)
     logits = logits[:, :-1]
     if temperature not in (0.0, 1.0):
         logits = logits / temperature
@@ -97,16 +98,12 @@ def sequence_logprobs(params, tokens, segment_ids, cfg: ModelConfig, temperature
 
 
 @functools.lru_cache(maxsize=8)
-def logprob_fn(cfg: ModelConfig, temperature: float) -> Callable:
-    """A jitted `sequence_logprobs(params, tokens, segment_ids)` for one config and temperature."""
-    return jax.jit(functools.partial(sequence_logprobs, cfg=cfg, temperature=temperature))
+def logprob_fn(cfg: ModelConfig, temperature: float, mesh=None) -> Callable:
+    """A jitted `sequence_logprobs(params, tokens, segment_ids)` for one config, temperature and mesh."""
+    return jax.jit(functools.partial(sequence_logprobs, cfg=cfg, temperature=temperature, mesh=mesh))
 
 
 def decode_completions(completions: Sequence[Sequence[int]], tokenizer) -> list[str]:
     """Completion ids -> text (the stop token and other specials without text vanish)."""
     return [tokenizer.decode(c) for c in completions]
 
-
-def as_jnp(batch: RolloutBatch) -> dict:
-    return {"tokens": jnp.asarray(batch.tokens), "segment_ids": jnp.asarray(batch.segment_ids),
-            "mask": jnp.asarray(batch.mask)}

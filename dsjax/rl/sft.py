@@ -9,185 +9,72 @@ prompt layout it was trained on. The loss covers only assistant tokens: each ass
 and the end-of-turn eos that follows it (the model must learn to stop); bos, system, user turns and the
 assistant marker are context. As in R1's template, the reasoning of non-final assistant turns is dropped.
 
-Also here, shared by `dsjax.rl.grpo_trainer` and `dsjax.rl.distill`: the YAML + `key=value` loader for
-the post-training configs and `load_policy`, which starts a model from random init, an HF / native
-checkpoint directory, or a `dsjax train` / `dsjax sft` / `dsjax grpo` workdir.
+The loop, the mesh, the NaN guard, accumulation, checkpoints and resumption are the training engine's
+(dsjax.train.engine); this module supplies the loss and the batches. Also here, shared by
+`dsjax.rl.grpo_trainer` and `dsjax.rl.distill`: `load_policy`, which starts a model from random init, an
+HF / native checkpoint directory, or a `dsjax train` / `dsjax sft` / `dsjax grpo` workdir.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-import sys
-import time
 import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import yaml
 
-from dsjax.config import ConfigError, ModelConfig, load_config, parse_override
+from dsjax.config import ConfigError, ModelConfig
 from dsjax.errors import DataError
 from dsjax.infer.chat import THINK_CLOSE, markers_for
 from dsjax.model.mtp import shifted
 from dsjax.model.transformer import forward
 from dsjax.rl.toy_task import check_max_value, toy_chat_examples
-from dsjax.train.step import jit_step
+from dsjax.train import engine
+from dsjax.train.config import RunConfig, load_run_config
 
 FINAL_DIR = "final"  # a post-training workdir's final model (native checkpoint), what load_policy picks up
 
 
 # ---------------------------------------------------------------------------------------------------
-# Configs: flat dataclasses + `model:` section, YAML and key=value overrides (as dsjax.train.config)
+# Config: the shared run fields (dsjax.train.config.RunConfig) + SFT's data
 # ---------------------------------------------------------------------------------------------------
 
-def _optim_fields():
-    return dict(lr=1e-3, warmup_steps=10, decay_start_fraction=0.5, decay_end_fraction=1.0, final_lr_ratio=0.1,
-                b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, moment_dtype="float32")
-
-
-@dataclasses.dataclass(frozen=True)
-class SFTConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTConfig(RunConfig):
     data: str | None = None  # chat JSONL file, or "toy": toy-task solutions generated in code (offline)
     tokenizer: str | None = None  # None/"bytes" = byte tokenizer, else a tokenizer.json (or its dir)
     init: str = "random"  # "random", an HF/native checkpoint dir, or a dsjax train/sft/grpo workdir
-    steps: int = 200
     batch_size: int = 16
     seq_len: int = 256
-    seed: int = 0
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    decay_start_fraction: float = 0.5
-    decay_end_fraction: float = 1.0
-    final_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    moment_dtype: str = "float32"
     mtp_lambda: float = 0.0  # > 0: also train the MTP block on the assistant tokens
-    bias_gamma: float = 0.001  # aux-loss-free balancing bias update speed (0 = frozen)
-    log_every: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    progress: bool = True
     # data=toy only: how many dsjax.rl.toy_task problems (train split), with how many operations, values <= max_value
     num_toy_examples: int = 2000
     difficulty: int = 2
     max_value: int = 99
-    model: ModelConfig = dataclasses.field(default_factory=lambda: load_config("tiny"))
+    # RunConfig defaults that differ for fine-tuning
+    steps: int = 200
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    decay_start_fraction: float = 0.5
+    decay_end_fraction: float = 1.0
+    eval_every: int = 0  # no held-out evaluation
+    keep_checkpoints: int = 2
 
     def __post_init__(self):
-        _check_positive(self, ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "keep_checkpoints",
-                               "num_toy_examples", "difficulty"))
-        if self.moment_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"sft config field 'moment_dtype': must be float32 or bfloat16, got {self.moment_dtype!r}")
+        super().__post_init__()
+        self.check_positive("num_toy_examples", "difficulty")
+        self.check_rows()
         check_max_value(self)
-        if self.seq_len > self.model.max_position_embeddings:
-            raise ConfigError(f"sft config field 'seq_len': {self.seq_len} exceeds model.max_position_embeddings "
-                              f"{self.model.max_position_embeddings}")
-
-
-def _check_positive(cfg, names):
-    for f in names:
-        v = getattr(cfg, f)
-        if not (isinstance(v, int) and v > 0):
-            raise ConfigError(f"{type(cfg).__name__} field '{f}': must be a positive integer, got {v!r}")
-
-
-def _coerce(cls, name: str, value):
-    """YAML gives ints for '1' and strings for '1e-3': cast to the field's declared scalar type."""
-    f = {x.name: x for x in dataclasses.fields(cls)}[name]
-    t = str(f.type)
-    if value is None:
-        return None
-    if t.startswith("float") and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{cls.__name__} field '{name}': expected a number, got {value!r}") from None
-    if t.startswith("tuple") and isinstance(value, (list, tuple)):
-        return tuple(value)
-    if t.startswith("tuple") and isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    return value
 
 
 def load_rl_config(cls, path: str | None, overrides: Sequence[str] = (), *, raw: Mapping[str, Any] | None = None):
-    """Read a post-training YAML (top-level fields of `cls`, `model:` as in dsjax train, and nested
-    dataclass sections such as distill's `sft:`) and apply `key=value` / `model.key=value` /
-    `section.key=value` overrides. Unknown keys are errors naming the key."""
-    from dsjax.config import apply_overrides
-    from dsjax.train.config import _model_config
-
-    d: dict[str, Any] = dict(raw or {})
-    base_dir = os.getcwd()
-    if path is not None:
-        if not os.path.exists(path):
-            raise ConfigError(f"{path}: no such config file")
-        with open(path) as f:
-            try:
-                d = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        base_dir = os.path.dirname(os.path.abspath(path))
-    return _build(cls, d, list(overrides), base_dir, path or cls.__name__, apply_overrides, _model_config)
-
-
-def _build(cls, d, overrides, base_dir, where, apply_overrides, model_config, inherited_model=None):
-    """cls(**d) after the overrides. A nested section (e.g. distill's `sft:`) takes the parent's `model`
-    (the model being trained is always the top-level `model:` section), so setting it inside is an error."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    sections = {n for n, f in fields.items() if n != "model" and f.default_factory is not dataclasses.MISSING
-                and dataclasses.is_dataclass(f.default_factory())}
-    d = dict(d)
-    model_raw = d.pop("model", None)
-    if inherited_model is not None and (model_raw is not None or any(o.startswith("model.") for o in overrides)):
-        raise ConfigError(f"{where}: set the model in the top-level 'model:' section (model.key=value), not here")
-    model_over, sec_raw = [], {s: dict(d.pop(s, None) or {}) for s in sections}
-    sec_over: dict[str, list[str]] = {s: [] for s in sections}
-    for o in overrides:
-        k, v = parse_override(o)
-        head = k.split(".", 1)[0]
-        if k.startswith("model."):
-            model_over.append(o[len("model."):])
-        elif head in sections and "." in k:
-            sec_over[head].append(o[len(head) + 1:])
-        elif k in fields and k != "model" and k not in sections:
-            d[k] = v
-        else:
-            raise ConfigError(f"{where}: unknown config key '{k}' ({cls.__name__} fields: "
-                              f"{', '.join(sorted(set(fields) - {'model'} - sections))}; or model.*"
-                              + "".join(f", {s}.*" for s in sorted(sections)) + ")")
-    bad = sorted(set(d) - set(fields))
-    if bad:
-        raise ConfigError(f"{where}: unknown config key(s) {bad}")
-    kw = {k: _coerce(cls, k, v) for k, v in d.items()}
-    model = inherited_model
-    if "model" in fields and model is None:
-        model = model_config(model_raw, base_dir)
-        if model_over:
-            model = apply_overrides(model, model_over)
-    if "model" in fields:
-        kw["model"] = model
-    for s in sections:
-        sub_cls = type(fields[s].default_factory())
-        kw[s] = _build(sub_cls, sec_raw[s], sec_over[s], base_dir, f"{where}: {s}", apply_overrides, model_config,
-                       model)
-    try:
-        return cls(**kw)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def config_to_yaml(cfg) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    """A post-training config (SFTConfig, GRPOConfig, DistillConfig) from YAML + overrides: the one run
+    config loader, dsjax.train.config.load_run_config."""
+    return load_run_config(cls, path, overrides, raw=raw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,12 +264,25 @@ class PackedChatData:
 # Loss and step
 # ---------------------------------------------------------------------------------------------------
 
-def sft_loss(params, batch: dict, cfg: ModelConfig, *, mtp_lambda: float = 0.0):
+def loss_denominators(batch: dict, depth: int) -> jnp.ndarray:
+    """Trained-token counts [1 + depth] of a whole batch (the LM target t+1 and each MTP depth), which
+    gradient accumulation divides every micro-batch's loss sums by."""
+    tokens, seg, lmask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
+    out = []
+    for k in range(1, depth + 2):
+        tgt_mask, valid = shifted(lmask, seg, k)
+        out.append((tgt_mask * valid).astype(jnp.float32).sum())
+    return jnp.stack(out)
+
+
+def sft_loss(params, batch: dict, cfg: ModelConfig, *, mtp_lambda: float = 0.0, denoms=None, mesh=None):
     """Mean next-token cross-entropy over the assistant tokens (loss_mask at the *target* position),
-    plus mtp_lambda x the same for each MTP depth. Returns (loss, metrics)."""
+    plus mtp_lambda x the same for each MTP depth. Returns (loss, metrics).
+    denoms: optional [1 + depth] token counts to divide by (default: this batch's own).
+    mesh: the mesh the step runs under (expert parallelism over its "expert" axis)."""
     tokens, seg, lmask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
     logits, aux = forward(params, tokens, cfg, positions=batch.get("positions"), segment_ids=seg,
-                          with_mtp=mtp_lambda > 0)
+                          with_mtp=mtp_lambda > 0, mesh=mesh)
 
     def masked_ce(lg, k):
         tgt, valid = shifted(tokens, seg, k)
@@ -390,11 +290,12 @@ def sft_loss(params, batch: dict, cfg: ModelConfig, *, mtp_lambda: float = 0.0):
         logz = jax.nn.logsumexp(lg, axis=-1)
         ll = jnp.take_along_axis(lg, tgt[..., None], axis=-1)[..., 0]
         n = m.sum()
-        return jnp.sum((logz - ll) * m) / jnp.maximum(n, 1.0), n, ((jnp.argmax(lg, -1) == tgt) * m).sum()
+        d = jnp.maximum(n if denoms is None else denoms[k - 1], 1.0)
+        return jnp.sum((logz - ll) * m) / d, n, ((jnp.argmax(lg, -1) == tgt) * m).sum() / d
 
-    lm_loss, n, correct = masked_ce(logits, 1)
+    lm_loss, n, acc = masked_ce(logits, 1)
     loss = lm_loss
-    metrics = {"lm_loss": lm_loss, "tokens": n, "token_accuracy": correct / jnp.maximum(n, 1.0)}
+    metrics = {"lm_loss": lm_loss, "tokens": n, "token_accuracy": acc}
     if "mtp_logits" in aux:
         depth = aux["mtp_logits"].shape[0]
         mtp = sum(masked_ce(aux["mtp_logits"][k - 1], k + 1)[0] for k in range(1, depth + 1)) / depth
@@ -409,25 +310,37 @@ def sft_loss(params, batch: dict, cfg: ModelConfig, *, mtp_lambda: float = 0.0):
     return loss, metrics
 
 
-def make_sft_step(cfg: ModelConfig, scfg: SFTConfig):
-    """step(state, batch) -> (state, metrics); state is dsjax.train.step.TrainState."""
-    from dsjax.train.balance import apply_bias_updates
-    from dsjax.train.optim import lr_schedule, make_optimizer
-    from dsjax.train.step import TrainState
+class SFTTask(engine.Task):
+    """SFT for the training engine: packed chat rows, the masked loss."""
 
-    tx, sched = make_optimizer(scfg), lr_schedule(scfg)
-    grad_fn = jax.value_and_grad(lambda p, b: sft_loss(p, b, cfg, mtp_lambda=scfg.mtp_lambda), has_aux=True)
+    name = "sft"
 
-    def step(state, batch):
-        (_, m), g = grad_fn(state.params, batch)
-        updates, opt_state = tx.update(g, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        load = m.pop("expert_load", None)
-        params = apply_bias_updates(params, load, scfg.bias_gamma, cfg)
-        m.update(grad_norm=optax.global_norm(g), lr=sched(state.step))
-        return TrainState(state.step + 1, params, opt_state, state.rng), m
+    def __init__(self, scfg: SFTConfig, data: PackedChatData):
+        self.cfg, self.data, self.mesh = scfg, data, None
+        self.depth = scfg.model.num_nextn_predict_layers if scfg.mtp_lambda > 0 else 0
 
-    return step
+    def loss(self, params, batch, denoms=None):
+        return sft_loss(params, batch, self.cfg.model, mtp_lambda=self.cfg.mtp_lambda, denoms=denoms, mesh=self.mesh)
+
+    def split_loss(self, batch, n):
+        # Sums over the micro-batch divided by the whole batch's trained-token counts: the n micro-batch
+        # gradients add up to the one-batch gradient exactly.
+        return functools.partial(self.loss, denoms=loss_denominators(batch, self.depth)), ()
+
+    def start(self, run):
+        self.mesh = run.mesh
+        self.rows = run.host_rows(self.cfg.batch_size)
+
+    def next_batch(self, step, state):
+        # Every process derives the same global batch from (seed, step) and keeps its own rows.
+        return {k: v[self.rows] for k, v in self.data.batch(step - 1).items()}
+
+    def tokens(self, batch):
+        return float((np.asarray(batch["segment_ids"]) > 0).sum()) * jax.process_count()
+
+    def describe(self, row):
+        return {"loss": f"{row['loss']:.4f}", "token_acc": f"{row['token_accuracy']:.3f}",
+                "tok_s": f"{row['tokens_per_sec']:,.0f}"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -441,12 +354,9 @@ def sft(scfg: SFTConfig, workdir: str, *, examples: Sequence[Sequence[Mapping[st
     and the final model to workdir/final (a native checkpoint that `load_policy(workdir)` reads)."""
     from dsjax.api import Model
     from dsjax.checkpoint import native
-    from dsjax.train.checkpointing import Checkpointer, abstract_of
-    from dsjax.train.metrics import MetricsLogger
-    from dsjax.train.step import init_state
     from dsjax.train.tokenizer import load_tokenizer
 
-    os.makedirs(workdir, exist_ok=True)
+    engine.start_runtime()
     tok = tokenizer or load_tokenizer(scfg.tokenizer)
     if examples is None:
         if not scfg.data:
@@ -460,40 +370,11 @@ def sft(scfg: SFTConfig, workdir: str, *, examples: Sequence[Sequence[Mapping[st
     cfg = model.config
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
-    with open(os.path.join(workdir, "run_config.yaml"), "w") as f:
-        f.write(config_to_yaml(dataclasses.replace(scfg, model=cfg)))
+    scfg = dataclasses.replace(scfg, model=cfg)
     data = PackedChatData([render_chat(m, tok) for m in examples], scfg.seq_len, scfg.batch_size, scfg.seed,
                           tok.pad_id)
-    state = init_state(jax.tree.map(jnp.copy, model.params), scfg)  # a copy: the step donates its buffers
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=scfg.keep_checkpoints, async_save=False)
-    start = 0
-    restored = ckpt.restore(abstract_of(state))
-    if restored is not None:
-        start, state, _ = restored
-        if verbose:
-            print(f"sft: resumed from {ckpt.directory}/{start}", file=sys.stderr)
-    logger = MetricsLogger(workdir, start)
-    step_fn = jit_step(make_sft_step(cfg, scfg), donate_argnums=0)
-    rows, t0, toks = [], time.perf_counter(), 0
-    try:
-        for step in range(start + 1, scfg.steps + 1):
-            batch = data.batch(step - 1)
-            state, m = step_fn(state, jax.tree.map(jnp.asarray, batch))
-            toks += int((batch["segment_ids"] > 0).sum())
-            if step % scfg.log_every == 0 or step == scfg.steps:
-                row = {"step": step, **{k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}}
-                row["tokens_per_sec"] = toks / (time.perf_counter() - t0)
-                logger.log(row)
-                rows.append(row)
-                t0, toks = time.perf_counter(), 0
-                if verbose and scfg.progress:
-                    print(f"sft step {step}/{scfg.steps}: loss {row['loss']:.4f} token acc "
-                          f"{row['token_accuracy']:.3f} ({row['tokens_per_sec']:,.0f} tok/s)", file=sys.stderr)
-            if step % scfg.checkpoint_every == 0 or step == scfg.steps:
-                ckpt.save(step, state, {"step": step})
-    finally:
-        ckpt.close()
-        logger.close()
+    state, rows = engine.run(SFTTask(scfg, data), workdir, model.params, verbose=verbose,
+                             batch_size=scfg.batch_size // scfg.grad_accum)
     final = Model(state.params, cfg)
     native.save(final.params, cfg, os.path.join(workdir, FINAL_DIR))
     return final, rows

@@ -1,9 +1,16 @@
-"""The run configuration: training hyper-parameters + the model, data and mesh sections.
+"""Run configurations and their one loader.
 
-A run YAML has top-level training fields and `model:` (a config name/path, or an inline mapping with an
-optional `base:` name plus field overrides), `data:` and `mesh:` mappings. Command-line overrides are
-`key=value` (training fields) or `model.key=value`, `data.key=value`, `mesh.key=value`.
-Unknown keys anywhere are errors naming the key; numeric fields are range-checked on load.
+`RunConfig` holds what every training run shares (steps, seed, the optimiser, the NaN policy,
+accumulation, logging and checkpoint cadence, the mesh and the model); `TrainConfig` (pretraining) and
+the post-training configs (`dsjax.rl.sft.SFTConfig`, `dsjax.rl.grpo_trainer.GRPOConfig`, and
+`dsjax.rl.distill.DistillConfig`, which nests an SFT run) subclass it, adding their task's fields and
+re-declaring only the defaults that differ.
+
+A run YAML has top-level fields, `model:` (a config name/path, or a mapping with an optional `base:`
+name plus field overrides) and nested sections (`data:`, `mesh:`, distill's `sft:`). Command-line
+overrides are `key=value`, `model.key=value` or `section.key=value`. Values are cast to the field's
+declared type (YAML reads `1e-3` as a string). Unknown keys anywhere are errors naming the key;
+numeric fields are range-checked on load.
 
 Resuming a workdir with a changed field: bookkeeping and mesh fields change freely, optimiser/loss
 hyper-parameters and `steps` apply from the resumed step, architecture, seed, batch_size, seq_len,
@@ -21,11 +28,23 @@ import yaml
 from dsjax.config import ConfigError, ModelConfig, apply_overrides, load_config, parse_override
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
+def _mesh_default():
+    from dsjax.parallel.mesh import MeshConfig
+
+    return MeshConfig()
+
+
+def _data_default():
+    from dsjax.train.data import DataConfig
+
+    return DataConfig()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The fields every training task shares; read by `dsjax.train.engine` and `dsjax.train.optim`."""
+
     steps: int = 300
-    batch_size: int = 8
-    seq_len: int = 128
     seed: int = 0
     # optimiser (V3: AdamW 0.9/0.95, wd 0.1, clip 1.0)
     lr: float = 3e-3
@@ -41,57 +60,29 @@ class TrainConfig:
     # Adam moments: float32 | bfloat16 | auto (resolved on construction: bfloat16 under model.fp8, as in
     # V3's FP8 recipe, else float32)
     moment_dtype: str = "auto"
-    grad_accum: int = 1
-    # losses and balancing
-    mtp_lambda: float = 0.3
-    balance_alpha: float = 1e-4
-    z_loss: float = 0.0
-    bias_gamma: float = 0.001
+    grad_accum: int = 1  # micro-batches per optimiser step (the batch is split along its rows)
+    bias_gamma: float = 0.001  # aux-loss-free balancing bias update speed (0 = frozen)
     # bookkeeping
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 2
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
     nan_policy: str = "stop"  # stop | skip
-    peak_flops: float = 0.0  # per device; 0 = measure (CPU) or look up (TPU/GPU)
     progress: bool = True
     # sections
+    mesh: Any = dataclasses.field(default_factory=_mesh_default)  # dsjax.parallel.mesh.MeshConfig
     model: ModelConfig = dataclasses.field(default_factory=lambda: load_config("tiny"))
-    data: Any = None  # DataConfig
-    mesh: Any = None  # MeshConfig
 
     def __post_init__(self):
-        def need(cond, field, msg):
-            if not cond:
-                raise ConfigError(f"train config field '{field}': {msg}")
-
-        if self.data is None:
-            from dsjax.train.data import DataConfig
-
-            object.__setattr__(self, "data", DataConfig())
-        if self.mesh is None:
-            from dsjax.parallel.mesh import MeshConfig
-
-            object.__setattr__(self, "mesh", MeshConfig())
-
-        for f in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every",
-                  "keep_checkpoints"):
-            need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, f"must be a positive integer, got {getattr(self, f)!r}")
-        for f in ("seed", "warmup_steps", "eval_batches"):
-            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, f, f"must be an integer >= 0, got {getattr(self, f)!r}")
-        for f, lo, lo_open, hi in (("lr", 0, False, None), ("eps", 0, True, None), ("weight_decay", 0, False, None),
-                                   ("clip_norm", 0, False, None), ("final_lr_ratio", 0, False, 1), ("b1", 0, False, 1),
-                                   ("b2", 0, False, 1), ("mtp_lambda", 0, False, None), ("balance_alpha", 0, False, None),
-                                   ("z_loss", 0, False, None), ("bias_gamma", 0, False, None), ("peak_flops", 0, False, None)):
-            v = getattr(self, f)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > lo if lo_open else v >= lo)
-            need(ok and (hi is None or v <= hi) and not (f in ("b1", "b2") and v == 1), f,
-                 f"must be a finite number {'>' if lo_open else '>='} {lo}" + (f" and < {hi}" if f in ("b1", "b2") else
-                                                                               f" and <= {hi}" if hi else "") + f", got {v!r}")
-        for f in ("async_checkpointing", "progress"):
-            need(isinstance(getattr(self, f), bool), f, f"must be true or false, got {getattr(self, f)!r}")
+        self.check_positive("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints")
+        self.check_ranges(("seed", "warmup_steps"), (("lr", 0, False, None), ("eps", 0, True, None),
+                          ("weight_decay", 0, False, None), ("clip_norm", 0, False, None),
+                          ("final_lr_ratio", 0, False, 1), ("b1", 0, False, 1), ("b2", 0, False, 1),
+                          ("bias_gamma", 0, False, None)), ("async_checkpointing", "progress"))
+        need = self.need
+        need(isinstance(self.eval_every, int) and self.eval_every >= 0, "eval_every",
+             f"must be a non-negative integer, got {self.eval_every!r}")
         need(self.nan_policy in ("stop", "skip"), "nan_policy", f"must be stop or skip, got {self.nan_policy!r}")
         if self.moment_dtype == "auto":
             object.__setattr__(self, "moment_dtype", "bfloat16" if self.model.fp8 else "float32")
@@ -99,43 +90,82 @@ class TrainConfig:
              f"must be float32, bfloat16 or auto, got {self.moment_dtype!r}")
         need(0 <= self.decay_start_fraction <= self.decay_end_fraction <= 1, "decay_start_fraction",
              "need 0 <= decay_start_fraction <= decay_end_fraction <= 1")
-        need(self.batch_size % self.grad_accum == 0, "grad_accum",
-             f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        need(self.seq_len <= self.model.max_position_embeddings, "seq_len",
-             f"{self.seq_len} exceeds model.max_position_embeddings {self.model.max_position_embeddings}")
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimiser updates per loop step (GRPO takes several on one batch of rollouts)."""
+        return 1
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.steps * self.updates_per_step
+
+    def need(self, cond: bool, field: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{type(self).__name__} field '{field}': {msg}")
+
+    def check_positive(self, *names: str) -> None:
+        check_positive(self, names)
+
+    def check_ranges(self, counts=(), numbers=(), flags=()) -> None:
+        """counts: integers >= 0; numbers: (field, lo, lo_open, hi) finite, above lo, at most hi (b1/b2
+        below 1); flags: booleans."""
+        for f in counts:
+            v = getattr(self, f)
+            self.need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f, f"must be an integer >= 0, got {v!r}")
+        for f, lo, lo_open, hi in numbers:
+            v = getattr(self, f)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > lo if lo_open else v >= lo)
+            self.need(ok and (hi is None or v <= hi) and not (f in ("b1", "b2") and v == 1), f,
+                      f"must be a finite number {'>' if lo_open else '>='} {lo}" + (f" and < {hi}" if f in ("b1", "b2") else
+                                                                                    f" and <= {hi}" if hi else "") + f", got {v!r}")
+        for f in flags:
+            self.need(isinstance(getattr(self, f), bool), f, f"must be true or false, got {getattr(self, f)!r}")
+
+    def check_rows(self) -> None:
+        """For tasks with `batch_size` rows of `seq_len` tokens: both fit the run."""
+        self.check_positive("batch_size", "seq_len")
+        self.need(self.batch_size % self.grad_accum == 0, "grad_accum",
+                  f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        self.need(self.seq_len <= self.model.max_position_embeddings, "seq_len",
+                  f"{self.seq_len} exceeds model.max_position_embeddings {self.model.max_position_embeddings}")
+
+
+def check_positive(cfg, names: Sequence[str]) -> None:
+    """ConfigError naming the first field of `cfg` among `names` that is not a positive integer."""
+    for f in names:
+        v = getattr(cfg, f)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise ConfigError(f"{type(cfg).__name__} field '{f}': must be a positive integer, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(RunConfig):
+    """Pretraining: packed documents from `data`, next-token + MTP loss, V3's balancing."""
+
+    batch_size: int = 8
+    seq_len: int = 128
+    # losses and balancing
+    mtp_lambda: float = 0.3
+    balance_alpha: float = 1e-4
+    z_loss: float = 0.0
+    eval_batches: int = 2
+    peak_flops: float = 0.0  # per device; 0 = measure (CPU) or look up (TPU/GPU)
+    data: Any = dataclasses.field(default_factory=_data_default)  # dsjax.train.data.DataConfig
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_positive("eval_every")
+        self.check_rows()
+        self.check_ranges(("eval_batches",), (("mtp_lambda", 0, False, None), ("balance_alpha", 0, False, None),
+                                              ("z_loss", 0, False, None), ("peak_flops", 0, False, None)))
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
 
-_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "data", "mesh"}
-
-
-def _data_config(d: Mapping[str, Any] | None):
-    from dsjax.train.data import DataConfig
-
-    d = dict(d or {})
-    names = {f.name for f in dataclasses.fields(DataConfig)}
-    bad = sorted(set(d) - names)
-    if bad:
-        raise ConfigError(f"unknown data config field(s) {['data.' + b for b in bad]}")
-    for k, v in d.items():
-        if isinstance(v, list):
-            d[k] = tuple(v)
-    return DataConfig(**d)
-
-
-def _mesh_config(d: Mapping[str, Any] | None):
-    from dsjax.parallel.mesh import MeshConfig
-
-    d = dict(d or {})
-    names = {f.name for f in dataclasses.fields(MeshConfig)}
-    bad = sorted(set(d) - names)
-    if bad:
-        raise ConfigError(f"unknown mesh config field(s) {['mesh.' + b for b in bad]}")
-    return MeshConfig(**d)
-
+# ------------------------------------------------------------------------------------------ loading
 
 def _model_config(m, base_dir: str) -> ModelConfig:
     if m is None:
@@ -154,60 +184,114 @@ def _model_config(m, base_dir: str) -> ModelConfig:
     raise ConfigError(f"model: expected a config name/path or a mapping, got {type(m).__name__}")
 
 
-def load_train_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a run YAML (None = the embedded default) and apply `key=value` overrides."""
-    raw: dict[str, Any] = {}
-    base_dir = os.getcwd()
-    if path is not None:
-        if not os.path.exists(path):
-            raise ConfigError(f"{path}: no such config file")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        base_dir = os.path.dirname(os.path.abspath(path))
-        if "train" not in raw and "model" not in raw and "vocab_size" in raw:
-            raw = {"model": os.path.abspath(path)}  # a bare model config: train it with default settings
-    raw = dict(raw)
-    model_raw, data_raw, mesh_raw = raw.pop("model", None), dict(raw.pop("data", None) or {}), dict(raw.pop("mesh", None) or {})
-    train_raw = dict(raw.pop("train", None) or {})
-    train_raw.update(raw)
+def _coerce(cls, name: str, value, where: str):
+    """YAML gives ints for '1' and strings for '1e-3': cast to the field's declared scalar type."""
+    t = str({x.name: x for x in dataclasses.fields(cls)}[name].type)
+    if value is None:
+        return None
+    if t.startswith("float") and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: field '{name}': expected a number, got {value!r}") from None
+    if t.startswith("tuple") and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if t.startswith("tuple") and isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return value
+
+
+def _sections(cls) -> dict[str, type]:
+    """Nested dataclass sections of `cls` (data, mesh, sft, ...): fields whose default is a dataclass."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name != "model" and f.default_factory is not dataclasses.MISSING:
+            d = f.default_factory()
+            if dataclasses.is_dataclass(d):
+                out[f.name] = type(d)
+    return out
+
+
+def _build(cls, d: Mapping[str, Any], overrides: Sequence[str], base_dir: str, where: str, prefix: str = "",
+           inherited_model: ModelConfig | None = None):
+    """cls(**d) after the overrides. A nested run section (distill's `sft:`) takes the parent's model
+    (the model being trained is always the top-level `model:` section), so setting it inside is an error."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    sections = _sections(cls)
+    d = dict(d)
+    model_raw = d.pop("model", None)
+    if inherited_model is not None and (model_raw is not None or any(o.startswith("model.") for o in overrides)):
+        raise ConfigError(f"{where}: set the model in the top-level 'model:' section (model.key=value), not here")
+    plain = sorted(fields - {"model"} - set(sections))
     model_over: list[str] = []
+    sec_raw = {s: dict(d.pop(s, None) or {}) for s in sections}
+    sec_over: dict[str, list[str]] = {s: [] for s in sections}
     for o in overrides:
         k, v = parse_override(o)
-        if k.startswith("model."):
+        head = k.split(".", 1)[0]
+        if k.startswith("model.") and "model" in fields:
             model_over.append(o[len("model."):])
-        elif k.startswith("data."):
-            data_raw[k[5:]] = v
-        elif k.startswith("mesh."):
-            mesh_raw[k[5:]] = v
-        elif k in _TRAIN_FIELDS:
-            train_raw[k] = v
+        elif head in sections and "." in k:
+            sec_over[head].append(o[len(head) + 1:])
+        elif k in plain:
+            d[k] = v
         else:
-            raise ConfigError(f"unknown config key '{k}' (training fields: {', '.join(sorted(_TRAIN_FIELDS))}; "
-                              "or model.*, data.*, mesh.*)")
-    bad = sorted(set(train_raw) - _TRAIN_FIELDS)
+            raise ConfigError(f"{where}: unknown config key '{k}' ({prefix}{k}; {cls.__name__} fields: "
+                              f"{', '.join(plain)}" + ("; or model.*" if "model" in fields else "")
+                              + "".join(f", {s}.*" for s in sections) + ")")
+    bad = sorted(set(d) - set(plain))
     if bad:
-        raise ConfigError(f"{path or 'train config'}: unknown config key(s) {bad}")
-    model = _model_config(model_raw, base_dir)
-    if model_over:
-        model = apply_overrides(model, model_over)
-    for k in ("lr", "eps", "weight_decay", "clip_norm", "mtp_lambda", "balance_alpha", "z_loss", "bias_gamma",
-              "b1", "b2", "final_lr_ratio", "decay_start_fraction", "decay_end_fraction", "peak_flops"):
-        if k in train_raw and not isinstance(train_raw[k], bool):
-            try:
-                train_raw[k] = float(train_raw[k])
-            except (TypeError, ValueError):
-                raise ConfigError(f"train config field '{k}': expected a number, got {train_raw[k]!r}") from None
+        raise ConfigError(f"{where}: unknown config key(s) {bad} ({', '.join(prefix + b for b in bad)})")
+    kw = {k: _coerce(cls, k, v, where) for k, v in d.items()}
+    model = inherited_model
+    if "model" in fields and model is None:
+        model = _model_config(model_raw, base_dir)
+        if model_over:
+            model = apply_overrides(model, model_over)
+    if "model" in fields:
+        kw["model"] = model
+    for s, sub in sections.items():
+        kw[s] = _build(sub, sec_raw[s], sec_over[s], base_dir, f"{where}: {s}", f"{prefix}{s}.",
+                       model if "model" in {f.name for f in dataclasses.fields(sub)} else None)
     try:
-        return TrainConfig(model=model, data=_data_config(data_raw), mesh=_mesh_config(mesh_raw), **train_raw)
+        return cls(**kw)
     except TypeError as e:
-        raise ConfigError(f"train config: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
 
 
-def to_yaml(cfg: TrainConfig) -> str:
-    d = dataclasses.asdict(cfg)
-    return yaml.safe_dump(d, sort_keys=False)
+def _read_yaml(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such config file")
+    with open(path) as f:
+        try:
+            d = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return d
+
+
+def load_run_config(cls, path: str | None, overrides: Sequence[str] = (), *, raw: Mapping[str, Any] | None = None):
+    """Read a run YAML (None = the class defaults, or `raw`) into `cls` and apply `key=value` /
+    `model.key=value` / `section.key=value` overrides."""
+    d: dict[str, Any] = dict(raw or {})
+    base_dir = os.getcwd()
+    if path is not None:
+        d = _read_yaml(path)
+        base_dir = os.path.dirname(os.path.abspath(path))
+        if cls is TrainConfig and "train" not in d and "model" not in d and "vocab_size" in d:
+            d = {"model": os.path.abspath(path)}  # a bare model config: train it with default settings
+    if "train" in d and "train" not in {f.name for f in dataclasses.fields(cls)}:
+        d = {**dict(d.pop("train") or {}), **d}  # a `train:` mapping holds top-level fields
+    where = path or ("train config" if cls is TrainConfig else cls.__name__)
+    return _build(cls, d, list(overrides), base_dir, where)
+
+
+def load_train_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a pretraining run YAML (None = the embedded default) and apply `key=value` overrides."""
+    return load_run_config(TrainConfig, path, overrides)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

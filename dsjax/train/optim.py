@@ -12,8 +12,9 @@ from dsjax.model.params import is_spec, param_specs
 
 
 def lr_schedule(tcfg) -> optax.Schedule:
-    """Linear warm-up to lr, constant to decay_start, cosine to lr*final_lr_ratio by decay_end, then flat."""
-    total = tcfg.steps
+    """Linear warm-up to lr, constant to decay_start, cosine to lr*final_lr_ratio by decay_end, then flat.
+    The fractions are of the run's optimiser updates (`optimizer_steps`: steps x updates per step)."""
+    total = tcfg.optimizer_steps
     warm = min(tcfg.warmup_steps, total)
     start = max(int(total * tcfg.decay_start_fraction), warm)
     end = max(int(total * tcfg.decay_end_fraction), start)

@@ -78,9 +78,10 @@ def check_resume(old: dict, new: dict, where: str) -> list[tuple[str, object, ob
     return [(k, a, b) for k, (a, b) in sorted(diff.items()) if field_class(k) == "schedule"]
 
 
-def check_workdir_config(workdir: str, new_yaml: str) -> list[tuple[str, object, object]]:
+def check_workdir_config(workdir: str, new_yaml: str, write: bool = True) -> list[tuple[str, object, object]]:
     """Compare WORKDIR/run_config.yaml with `new_yaml` (refusing FIXED changes), then record `new_yaml`
-    there. Returns the SCHEDULE changes [(field, old, new)] for the resume log line."""
+    there (if `write`: on a pod only process 0 writes). Returns the SCHEDULE changes [(field, old, new)]
+    for the resume log line."""
     path = os.path.join(workdir, "run_config.yaml")
     notes = []
     if os.path.exists(path):
@@ -90,6 +91,8 @@ def check_workdir_config(workdir: str, new_yaml: str) -> list[tuple[str, object,
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"{path}: cannot read the workdir's run config: {e}") from None
         notes = check_resume(old, yaml.safe_load(new_yaml), path)
+    if not write:
+        return notes
     with open(path + ".tmp", "w") as f:
         f.write(new_yaml)
     os.replace(path + ".tmp", path)

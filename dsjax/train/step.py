@@ -1,5 +1,6 @@
-"""The training step as one pure function: grads (with optional accumulation), AdamW, the
-bias update of auxiliary-loss-free balancing, and the NaN guard."""
+"""The training step as one pure function, shared by every task (pretraining, SFT, GRPO): grads of the
+task's loss (with optional accumulation), AdamW, the bias update of auxiliary-loss-free balancing, and
+the NaN guard."""
 from __future__ import annotations
 
 import functools
@@ -57,35 +58,47 @@ def init_state(params, tcfg, seed: int | None = None) -> TrainState:
     return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params), rng)
 
 
-def make_train_step(model_cfg, tcfg, mesh=None):
-    """train_step(state, batch) -> (state, metrics); batch arrays are [batch, seq] (split into
-    tcfg.grad_accum micro-batches). mesh: the mesh the step runs under (None: one device)."""
+def mean_split(loss):
+    """The default `split_loss` of `make_step`, for a loss that is a mean over equal rows: each of n
+    equal micro-batches contributes 1/n of its loss and of every metric."""
+    def split(batch, n):
+        def micro(params, mb):
+            value, m = loss(params, mb)
+            return value / n, m
+        return micro, None  # None: every metric is averaged
+
+    return split
+
+
+def make_step(tcfg, model_cfg, loss, split_loss=None):
+    """The one training step of every task: step(state, batch) -> (state, metrics).
+
+    loss(params, batch) -> (scalar, metrics) on a whole batch; metrics may hold "expert_load" (routed
+    tokens per expert, [moe layers, E]) for the balancing bias update. With tcfg.grad_accum = n > 1 the
+    batch's rows are split into n micro-batches and `split_loss(batch, n) -> (micro_loss, averaged)` gives
+    a micro-batch loss whose n values add up to the whole batch's (so the summed gradient is the
+    one-batch gradient) and the names of the metrics to average instead of add (None: all of them);
+    the default is `mean_split(loss)`. Then AdamW (dsjax.train.optim), the bias update, and the NaN
+    guard: a non-finite loss or gradient norm leaves the parameters and moments as they were."""
     tx = make_optimizer(tcfg)
     sched = lr_schedule(tcfg)
-    lfn = functools.partial(loss_fn, cfg=model_cfg, mtp_lambda=tcfg.mtp_lambda, balance_alpha=tcfg.balance_alpha,
-                            z_loss=tcfg.z_loss, mesh=mesh)
-    grad_fn = jax.value_and_grad(lfn, has_aux=True)
+    n = tcfg.grad_accum
+    split_loss = split_loss or mean_split(loss)
 
     def grads_and_metrics(params, batch):
-        if tcfg.grad_accum == 1:
-            (_, m), g = grad_fn(params, batch)
+        if n == 1:
+            (_, m), g = jax.value_and_grad(loss, has_aux=True)(params, batch)
             return g, m
-        # LM/MTP losses are micro-batch sums divided by the whole batch's token counts, and the
-        # per-sequence balance loss is weighted 1/n: the micro-batch gradients then add up exactly to
-        # the one-batch gradient, however padding falls.
-        n = tcfg.grad_accum
-        denoms = token_denominators(batch, model_cfg.num_nextn_predict_layers if tcfg.mtp_lambda > 0 else 0)
+        micro_loss, averaged = split_loss(batch, n)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
         micro = jax.tree.map(lambda a: a.reshape(n, -1, *a.shape[1:]), batch)
-        acc_grad_fn = jax.value_and_grad(functools.partial(lfn, balance_alpha=tcfg.balance_alpha / n, denoms=denoms),
-                                         has_aux=True)
-        averaged = ("balance_loss",)
 
         def body(acc, mb):
-            (_, m), g = acc_grad_fn(params, mb)
-            m = {k: (v / n if k in averaged else v) for k, v in m.items()}
+            (_, m), g = grad_fn(params, mb)
+            m = {k: (v / n if averaged is None or k in averaged else v) for k, v in m.items()}
             return jax.tree.map(jnp.add, acc, (g, m)), None
 
-        (_, m0), g0 = jax.eval_shape(acc_grad_fn, params, jax.tree.map(lambda a: a[0], micro))
+        (_, m0), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda a: a[0], micro))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, m0))
         (g, m), _ = jax.lax.scan(body, zeros, micro)
         return g, m
@@ -111,6 +124,28 @@ def make_train_step(model_cfg, tcfg, mesh=None):
         return new, m
 
     return train_step
+
+
+def pretrain_loss(model_cfg, tcfg, mesh=None):
+    """Pretraining's (loss, split_loss) for make_step: next-token + MTP + balance (+ z) loss.
+    mesh: the mesh the step runs under (None: one device)."""
+    lfn = functools.partial(loss_fn, cfg=model_cfg, mtp_lambda=tcfg.mtp_lambda, balance_alpha=tcfg.balance_alpha,
+                            z_loss=tcfg.z_loss, mesh=mesh)
+
+    def split(batch, n):
+        # LM/MTP losses are micro-batch sums divided by the whole batch's token counts, and the
+        # per-sequence balance loss is weighted 1/n: the micro-batch gradients then add up exactly to
+        # the one-batch gradient, however padding falls.
+        denoms = token_denominators(batch, model_cfg.num_nextn_predict_layers if tcfg.mtp_lambda > 0 else 0)
+        return functools.partial(lfn, balance_alpha=tcfg.balance_alpha / n, denoms=denoms), ("balance_loss",)
+
+    return lfn, split
+
+
+def make_train_step(model_cfg, tcfg, mesh=None):
+    """Pretraining's step: train_step(state, batch) -> (state, metrics); batch arrays are [batch, seq]
+    (split into tcfg.grad_accum micro-batches). mesh: the mesh the step runs under (None: one device)."""
+    return make_step(tcfg, model_cfg, *pretrain_loss(model_cfg, tcfg, mesh))
 
 
 def make_eval_step(model_cfg, tcfg, mesh=None):
