@@ -14,7 +14,6 @@ import functools
 from typing import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import ModelConfig
