@@ -297,7 +297,7 @@ def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int
 
     init, step = training_step(cfg, tcfg, mesh)
     abstract_state = jax.eval_shape(init, abstract_params(cfg))
-    state_sh = pm.state_shardings(mesh, cfg, abstract_state)
+    state_sh = pm.state_shardings(mesh, cfg, abstract_state, pm.rules_for(tcfg.mesh))
     rep.state_bytes = state_bytes(abstract_state, state_sh)
     if rep.state_bytes > rep.hbm:
         return rep  # the parameters and optimizer state alone exceed HBM: nothing to compile

@@ -8,7 +8,9 @@ Mesh axes, outermost (slowest network) first:
   tensor  tensor parallelism: attention heads, MLP width and vocabulary split
 Every parameter carries logical axis names as Flax metadata (dsjax.model.layers.param, read back by
 dsjax.model.params.param_specs); `RULES` maps them to mesh axes, so trying a different sharding is
-editing one mapping. The batch is split over every axis but "tensor".
+editing one mapping. The batch is split over every axis but "tensor". With `mesh.fsdp_over_dcn` the
+state is sharded over the slices as well (`rules_for`): FSDP across slices, so a multislice run holds
+a model that one slice cannot, paying for it with weight gathers and gradient reduce-scatters over DCN.
 """
 from __future__ import annotations
 
@@ -35,8 +37,14 @@ class MeshConfig:
     fsdp: int = -1
     expert: int = 1
     tensor: int = 1
+    # Shard parameters, gradients and optimizer state over "dcn" too (outermost), not only inside a
+    # slice: each slice holds 1/dcn of the state instead of a full copy.
+    fsdp_over_dcn: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.fsdp_over_dcn, bool):
+            raise ConfigError(f"mesh config field 'mesh.fsdp_over_dcn': must be true or false, "
+                              f"got {self.fsdp_over_dcn!r}")
         wild = []
         for name in AXES:
             v = getattr(self, name)
@@ -121,6 +129,19 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+def rules_for(mcfg: MeshConfig | None) -> Mapping[str, Any]:
+    """RULES for this mesh config: with fsdp_over_dcn every parameter dimension split over "fsdp" is
+    split over ("dcn", "fsdp") instead (dcn outermost, as in the mesh); activations are unchanged."""
+    if mcfg is None or not mcfg.fsdp_over_dcn:
+        return RULES
+
+    def over_dcn(want):
+        want = (want,) if isinstance(want, str) else tuple(want or ())
+        return tuple(a for w in want for a in (("dcn", w) if w == "fsdp" else (w,)))
+
+    return {k: v if k == "batch" or v is None else over_dcn(v) for k, v in RULES.items()}
+
+
 def _axis_sizes(mesh) -> dict[str, int]:
     return dict(mesh.shape)
 
@@ -154,16 +175,16 @@ def logical_to_spec(axes: Sequence[str | None], mesh, shape: Sequence[int] | Non
     return P(*out)
 
 
-def param_specs(mesh, model_cfg: ModelConfig) -> dict:
-    """PartitionSpec tree matching the params tree."""
+def param_specs(mesh, model_cfg: ModelConfig, rules: Mapping[str, Any] | None = None) -> dict:
+    """PartitionSpec tree matching the params tree (`rules`: RULES unless given, e.g. rules_for(mcfg))."""
     from dsjax.model.params import is_spec, param_specs as declared
 
-    return jax.tree.map(lambda s: logical_to_spec(s.axes, mesh, s.shape), declared(model_cfg), is_leaf=is_spec)
+    return jax.tree.map(lambda s: logical_to_spec(s.axes, mesh, s.shape, rules), declared(model_cfg), is_leaf=is_spec)
 
 
-def param_shardings(mesh: Mesh, model_cfg: ModelConfig) -> dict:
+def param_shardings(mesh: Mesh, model_cfg: ModelConfig, rules: Mapping[str, Any] | None = None) -> dict:
     """NamedSharding tree matching the params tree."""
-    return jax.tree.map(lambda p: NamedSharding(mesh, p), param_specs(mesh, model_cfg),
+    return jax.tree.map(lambda p: NamedSharding(mesh, p), param_specs(mesh, model_cfg, rules),
                         is_leaf=lambda x: isinstance(x, P))
 
 
@@ -171,15 +192,16 @@ def _dict_keys(path) -> tuple[str, ...]:
     return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def state_shardings(mesh: Mesh, model_cfg: ModelConfig, abstract_state):
+def state_shardings(mesh: Mesh, model_cfg: ModelConfig, abstract_state, rules: Mapping[str, Any] | None = None):
     """Shardings for a trainer state (any pytree): a leaf whose dict-key path ends with a parameter's
     path and whose shape equals that parameter's gets the parameter's sharding (params, AdamW moments,
-    accumulated grads); everything else (step, rng, counts, scalars) is replicated."""
+    accumulated grads); everything else (step, rng, counts, scalars) is replicated. `rules`: RULES
+    unless given (rules_for(tcfg.mesh) honours mesh.fsdp_over_dcn)."""
     from dsjax.model.params import is_spec, param_specs as declared
 
     table = {}
     for path, s in jax.tree_util.tree_flatten_with_path(declared(model_cfg), is_leaf=is_spec)[0]:
-        table[_dict_keys(path)] = (s.shape, logical_to_spec(s.axes, mesh, s.shape))
+        table[_dict_keys(path)] = (s.shape, logical_to_spec(s.axes, mesh, s.shape, rules))
     replicated = NamedSharding(mesh, P())
 
     def pick(path, leaf):

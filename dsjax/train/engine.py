@@ -131,7 +131,8 @@ def mesh_setup(cfg: RunConfig, batch_size: int | None, *, verbose: bool = True) 
                           "replicated otherwise")
 
     def place_params(tree):
-        return jax.device_put(tree, pm.state_shardings(mesh, cfg.model, abstract_of(tree)))
+        rules = pm.rules_for(cfg.mesh)  # mesh.fsdp_over_dcn: the state is sharded over the slices too
+        return jax.device_put(tree, pm.state_shardings(mesh, cfg.model, abstract_of(tree), rules))
 
     def host_rows(global_rows: int) -> slice:
         return distributed.host_batch_slice(global_rows)
