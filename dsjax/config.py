@@ -95,6 +95,10 @@ class ModelConfig:
     # how it runs: auto (native where the device has FP8 units, else emulated) | emulated | native.
     fp8: bool = False
     fp8_impl: str = "auto"
+    # Expert parallelism: rows each device receives per dispatch round, as a multiple of its mean
+    # share T*K (T local tokens, top-K). 0: one round into a worst-case buffer of n*T*min(K, E/n) rows.
+    # > 0 (e.g. 1.25): a buffer of that many rows, and as many exact rounds as the routing needs.
+    ep_capacity_factor: float = 0.0
 
     def __post_init__(self):
         _validate(self)
@@ -151,7 +155,7 @@ class ModelConfig:
 
 # Fields that change how the model runs, not its parameters: a run may resume with other values.
 RUNTIME_ONLY = frozenset({"dtype", "moe_impl", "moe_block_size", "attention_impl", "kernel_interpret",
-                          "remat_policy", "scan_unroll", "fp8", "fp8_impl"})
+                          "remat_policy", "scan_unroll", "fp8", "fp8_impl", "ep_capacity_factor"})
 # Fields HF's config.json does not have.
 _DSJAX_ONLY = RUNTIME_ONLY | {"init_std", "param_dtype"}
 
@@ -219,6 +223,9 @@ def _validate(c: ModelConfig) -> None:
     need(not (c.fp8 and c.moe_impl == "pallas"), "fp8",
          "FP8 has no Pallas grouped-matmul kernel yet; use moe_impl blocked or ragged_dot with fp8=true")
     need(c.fp8_impl in ("auto", "emulated", "native"), "fp8_impl", f"must be auto, emulated or native; got {c.fp8_impl!r}")
+    need(c.ep_capacity_factor >= 0, "ep_capacity_factor", f"must be >= 0 (0: worst-case buffer), got {c.ep_capacity_factor}")
+    need(not (c.fp8 and c.ep_capacity_factor > 0), "ep_capacity_factor",
+         "the capacity-buffer dispatch does not send FP8 rows yet; use ep_capacity_factor=0 with fp8=true")
     need(isinstance(c.scan_unroll, int) and c.scan_unroll >= 1, "scan_unroll", f"must be an integer >= 1, got {c.scan_unroll!r}")
     need(c.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {c.rms_norm_eps}")
     rs = c.rope_scaling

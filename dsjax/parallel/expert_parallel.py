@@ -28,8 +28,9 @@ from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
 from dsjax.model.fp8 import send_rows
-from dsjax.model.layers import varying_axes
 from dsjax.model.experts import combine, local_experts, routed_experts, sort_by_expert
+from dsjax.model.layers import vary_together, varying_axes
+from dsjax.parallel import ep_capacity
 from dsjax.parallel.shard import token_axes
 
 EXPERT_AXIS = "expert"
@@ -67,14 +68,14 @@ def routed_experts_ep(p: dict, x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray,
                          f"make batch*seq divisible by the batch mesh axes")
     tok = P(axes)
     wspec = P(EXPERT_AXIS)
-    body = functools.partial(_local, cfg=cfg, n=n)
+    body = functools.partial(_local, cfg=cfg, n=n, axes=axes)
     # Pallas calls carry no varying-axes type: shard_map's check has to be off around them.
     fn = jax.shard_map(body, mesh=mesh, in_specs=(jax.tree.map(lambda _: wspec, p), tok, tok, tok), out_specs=tok,
                        check_vma=cfg.moe_impl != "pallas")
     return fn(p, x, w, idx)
 
 
-def _local(p, x, w, idx, *, cfg: ModelConfig, n: int):
+def _local(p, x, w, idx, *, cfg: ModelConfig, n: int, axes: tuple[str, ...] = ()):
     """Per device: x [T, d] local tokens, w/idx [T, K], p = this device's E/n experts."""
     t, k = idx.shape
     e = cfg.n_routed_experts
@@ -88,6 +89,14 @@ def _local(p, x, w, idx, *, cfg: ModelConfig, n: int):
     m = all_counts.reshape(n, n, el).sum(-1)  # [src, dst] rows
     mine = jax.lax.dynamic_slice_in_dim(all_counts, me * el, el, axis=1)  # [src, el] rows for my experts
     recv = mine.sum(1)  # [src]
+    if cfg.ep_capacity_factor > 0:  # a buffer of capacity rows, as many rounds as the routing needs
+        rows = ep_capacity.buffer_rows(t, k, n, el, cfg.ep_capacity_factor)
+        rounds = ep_capacity.rounds_needed(m, rows, axes)
+        experts = lambda p, b, ids: local_experts(p, b, ids, el, cfg)
+        leaves, tree = jax.tree.flatten(p)
+        *leaves, xs = vary_together(*leaves, xs)  # weight gradients keep their weights' type
+        ys = ep_capacity.dispatch(tree.unflatten(leaves), xs, m, mine, me, rounds, rows=rows, experts=experts)
+        return combine(ys, order, w, t, k)
     cap = t * min(k, el)  # worst-case rows from one source
     args = (xs, send, send_off, m, mine, recv, me, p)
     ys = jax.lax.platform_dependent(*args, cpu=functools.partial(_padded, cfg=cfg, n=n, cap=cap),

@@ -44,6 +44,16 @@ def _rel(a, b):
     return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
+def assert_same_model(loss, aux, grads, loss0, aux0, grads0):
+    """Loss, routing statistics, MTP logits, hidden states and every gradient equal, fp32 1e-5."""
+    assert _rel(loss, loss0) <= 1e-5
+    for k in ("expert_load", "seq_count", "seq_prob", "mtp_logits", "hidden"):
+        assert _rel(aux[k], aux0[k]) <= 1e-5, k
+    flat0 = jax.tree_util.tree_flatten_with_path(grads0)[0]
+    for (path, g0), g in zip(flat0, jax.tree.leaves(grads)):
+        assert _rel(g, g0) <= 1e-5, jax.tree_util.keystr(path)
+
+
 # The local experts run the model's own paths; ragged_dot (the TPU/GPU one) on one mesh is enough.
 # All paths are numerically equal, so every case compares with the single-device blocked result.
 @pytest.mark.parametrize("mcfg, impl", [
@@ -71,12 +81,7 @@ def test_expert_parallel_matches_single_device(reference, mcfg, impl):
     finally:
         ep.routed_experts_ep = orig
     assert calls, "the expert-parallel path was not taken"
-    assert _rel(loss, loss0) <= 1e-5
-    for k in ("expert_load", "seq_count", "seq_prob", "mtp_logits", "hidden"):
-        assert _rel(aux[k], aux0[k]) <= 1e-5, k
-    flat0 = jax.tree_util.tree_flatten_with_path(grads0)[0]
-    for (path, g0), g in zip(flat0, jax.tree.leaves(grads)):
-        assert _rel(g, g0) <= 1e-5, jax.tree_util.keystr(path)
+    assert_same_model(loss, aux, grads, loss0, aux0, grads0)
     gexp = grads["moe_layers"]["mlp"]["experts"]["gate_proj"]
     assert "expert" in str(gexp.sharding.spec)  # gradients stay expert-sharded
 
