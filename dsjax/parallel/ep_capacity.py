@@ -104,7 +104,8 @@ def dispatch(p, xs, m, mine, me, num_rounds, *, rows: int, experts):
     local ids [rows]) -> [rows, d]` there, bring the outputs back -> [T*K, d] in xs's order.
 
     m [src, dst] row counts, mine [src, el] rows for my local experts, me my index on the axis,
-    num_rounds from rounds_needed. Differentiable in p and xs."""
+    num_rounds from rounds_needed. Differentiable in p and xs; over several rounds the weight
+    gradients add up in p's dtype (the caller passes the compute dtype's copy of the weights)."""
     nk, d = xs.shape
     el = mine.shape[1]
     width = min(rows, nk)

@@ -93,7 +93,9 @@ def _local(p, x, w, idx, *, cfg: ModelConfig, n: int, axes: tuple[str, ...] = ()
         rows = ep_capacity.buffer_rows(t, k, n, el, cfg.ep_capacity_factor)
         rounds = ep_capacity.rounds_needed(m, rows, axes)
         experts = lambda p, b, ids: local_experts(p, b, ids, el, cfg)
-        leaves, tree = jax.tree.flatten(p)
+        # The experts' weights in the compute dtype, as local_experts uses them: the per-round weight
+        # gradients and their sum are then that size (bf16: half of float32's 3 x 1.75 GiB at 671B).
+        leaves, tree = jax.tree.flatten(jax.tree.map(lambda a: a.astype(xs.dtype), p))
         *leaves, xs = vary_together(*leaves, xs)  # weight gradients keep their weights' type
         ys = ep_capacity.dispatch(tree.unflatten(leaves), xs, m, mine, me, rounds, rows=rows, experts=experts)
         return combine(ys, order, w, t, k)
