@@ -7,7 +7,7 @@ On CPU there are no compiled kernels (the interpreter is a correctness tool), so
 pure-jnp reference (what impl="auto" runs there) against XLA's fused dot_product_attention (v
 zero-padded to qk_dim, as that API requires equal head dims) and prints ms and the ratio. On an
 accelerator it reports prefill forward / forward+backward TFLOP/s of the Pallas kernel and of the
-XLA reference against the bf16 peak (SPEC section 8: H100 989 TF, v5p 459, v6e 918) and decode
+XLA reference against the bf16 peak (published: H100 989 TF, v5p 459, v6e 918) and decode
 GB/s against HBM bandwidth (H100 3.35 TB/s, H200 4.8). FLOPs count the causal half: forward
 2*b*h*s^2/2*(qk+v), backward 2*b*h*s^2/2*(3*qk+2*v) (recomputed q.k, dp, dv, dk, dq).
 """

@@ -6,7 +6,7 @@
 Group sizes come from real routing (route() on random gate logits, V3 gate), so they are uneven.
 Each row: median wall time of the jitted forward (and forward+backward), TFLOP/s counting only the
 useful 2*m*k*n, and the ratio to the dense matmul [m, k] @ [k, n] (the roofline a perfect grouped
-kernel would match). On GPU/TPU the peak is SPEC.md's bf16 number (H100/H200 989 TF).
+kernel would match). On GPU/TPU the peak is the published bf16 number (H100/H200 989 TF).
 """
 import argparse
 import functools

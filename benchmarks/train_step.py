@@ -1,7 +1,7 @@
 """Training throughput on this machine: dsjax's jitted train step (AdamW, balance loss, bias update) vs
 Hugging Face transformers training the same DeepseekV3 architecture on torch CPU, in the same run.
 
-    JAX_PLATFORMS=cpu python benchmarks/train_step.py                  # cpu_bench (SPEC's CPU peer), 8 x 512
+    JAX_PLATFORMS=cpu python benchmarks/train_step.py                  # cpu_bench (the CPU peers measured it), 8 x 512
     python benchmarks/train_step.py --config tiny --batch 8 --seq 128
     python benchmarks/train_step.py --config small_moe --batch 2 --seq 256 --steps 2
     python benchmarks/train_step.py --moe-impls blocked,dense,ragged_dot   # compare expert paths

@@ -2,7 +2,7 @@
 
 prefill_attention: the full (non-absorbed) MLA of the model core over a whole prompt, plus the cache
   entries (c, k_pe) it implies. Same numerics as `forward`.
-absorbed_attention: new tokens attend to the cache with the absorbed projections (SPEC.md section 2):
+absorbed_attention: new tokens attend to the cache with the absorbed projections (MLA, DeepSeek-V2 paper):
   q_lat = q_nope @ W_UK                        per head, [nope] -> [kv_lora_rank]
   score_t = (q_lat . c_t + q_pe . k_pe_t) * softmax_scale
   o_lat = sum_t p_t c_t;  out_head = o_lat @ W_UV;  out = o_proj(concat heads)

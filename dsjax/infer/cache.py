@@ -1,4 +1,4 @@
-"""The MLA latent cache (SPEC.md section 2): per layer, sequence and token only the normalised latent
+"""The MLA latent cache (MLA, DeepSeek-V2 paper): per layer, sequence and token only the normalised latent
 c [kv_lora_rank] and the roped shared key k_pe [qk_rope_head_dim] — never per-head keys or values.
 
 Layout (a plain dict pytree, static shapes, so one compiled decode step serves every token):

@@ -1,5 +1,5 @@
 """R1-style post-training, the model-independent core: rule rewards, GRPO math, a toy verifiable task and
-the rejection filter for distillation data (SPEC §7)."""
+the rejection filter for distillation data (DeepSeek-R1 paper)."""
 from dsjax.rl.distill_filter import rejection_filter
 from dsjax.rl.grpo import group_advantages, grpo_loss, k3_kl, token_logprobs
 from dsjax.rl.rewards import (accuracy_reward, answers_match, combine_rewards, extract_answer, format_reward,

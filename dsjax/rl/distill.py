@@ -1,4 +1,4 @@
-"""Distillation the R1 way (SPEC §7): sample a teacher, keep what the rule reward accepts (rejection
+"""Distillation the R1 way (DeepSeek-R1 paper): sample a teacher, keep what the rule reward accepts (rejection
 sampling), then plain SFT of a (smaller) student on the kept samples — no RL for the student.
 
     problems --teacher, k samples each--> completions --rejection_filter(reward >= threshold)-->

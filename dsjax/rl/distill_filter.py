@@ -1,4 +1,4 @@
-"""Rejection sampling for R1's distillation data (SPEC §7): keep the generated samples a rule accepts."""
+"""Rejection sampling for R1's distillation data (DeepSeek-R1 paper): keep the generated samples a rule accepts."""
 from __future__ import annotations
 
 import math

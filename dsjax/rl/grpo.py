@@ -1,4 +1,4 @@
-"""GRPO (DeepSeekMath; SPEC §7): group-relative advantages, the k3 KL estimator and the clipped loss.
+"""GRPO (the DeepSeekMath paper): group-relative advantages, the k3 KL estimator and the clipped loss.
 
 Pure jax.numpy and jit-able. The trainer supplies per-token log-probs of the *sampled* tokens under
 three policies: the one being optimised (`logp_new`, differentiable), the one that sampled the
@@ -56,7 +56,7 @@ def grpo_loss(logp_new, logp_old, logp_ref, advantages, mask, *, clip_eps: float
     advantages [B]: one per completion, applied to all its tokens; mask [B, T]: 1 on completion tokens.
 
     Per token:  J_t = min(r_t A, clip(r_t, 1-eps, 1+eps) A) - beta * k3_t,  r_t = exp(logp_new - logp_old).
-    aggregation="sequence" (SPEC / DeepSeekMath): 1/G sum_i 1/|o_i| sum_t J_t, where G counts the
+    aggregation="sequence" (DeepSeekMath): 1/G sum_i 1/|o_i| sum_t J_t, where G counts the
       completions with at least one token (rows with an all-zero mask are padding and drop out).
     aggregation="token" (DAPO): sum of J_t over all completion tokens / number of completion tokens.
 

@@ -1,4 +1,4 @@
-"""The GRPO training loop (DeepSeekMath / R1-Zero, SPEC §7).
+"""The GRPO training loop (the DeepSeekMath and DeepSeek-R1 papers).
 
 Per step:  P prompts -> G sampled completions each (dsjax.infer.generate, temperature ~1)
   -> rule rewards (any registered rewards, weighted) -> group-normalised advantages

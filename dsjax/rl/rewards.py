@@ -1,4 +1,4 @@
-"""Rule-based rewards for R1-style RL (SPEC §7): accuracy of the final answer and the think/answer format.
+"""Rule-based rewards for R1-style RL (DeepSeek-R1 paper): accuracy of the final answer and the think/answer format.
 
 A reward is a plain Python callable
 

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on chat data (R1's cold start and its distillation step, SPEC §7).
+"""Supervised fine-tuning on chat data (R1's cold start and its distillation step, DeepSeek-R1 paper).
 
     JSONL {"messages": [{"role", "content"}, ...]}  --render (chat template, loss mask)-->
     --pack into seq_len rows with segment ids-->  --masked next-token loss, AdamW-->  checkpoints

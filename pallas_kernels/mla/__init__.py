@@ -10,7 +10,7 @@
 
     mla_decode(q_latent, q_pe, latent_cache, rope_cache, lengths, *, sm_scale, page_table=None,
                impl="auto", interpret=False, num_splits=None, block_t=None) -> o_latent
-        Absorbed decode (SPEC section 2): q_latent [batch, heads, kv_lora_rank] (= q_nope @ W_UK),
+        Absorbed decode (DeepSeek-V2 paper, MLA): q_latent [batch, heads, kv_lora_rank] (= q_nope @ W_UK),
         q_pe [batch, heads, rope_dim], lengths [batch] int32 (valid cache entries; length 0 gives
         zeros). Contiguous caches: latent_cache [batch, cache_len, kv_lora_rank], rope_cache
         [batch, cache_len, rope_dim]. Paged caches: [num_pages, page_size, dim] with page_table

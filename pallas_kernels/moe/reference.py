@@ -1,6 +1,6 @@
 """Pure-jnp / numpy references for the MoE kernels: slow, obvious, used only as test oracles.
 
-Each function is written to be read against SPEC.md section 3, not to be fast: the grouped
+Each function is written to be read against the DeepSeek-V3 report (DeepSeekMoE), not to be fast: the grouped
 matmuls materialise one weight matrix per row, routing loops over tokens in numpy.
 """
 import numpy as np
@@ -37,7 +37,7 @@ def tgmm_reference(lhs, dout, group_sizes):
 
 def route_reference(logits, bias, *, top_k, n_group, topk_group, scoring_func,
                     group_score, norm_topk_prob, routed_scaling_factor):
-  """Token-by-token numpy transcription of SPEC.md section 3 (V3 gate and V2 gate).
+  """Token-by-token numpy transcription of the DeepSeek-V3 report (DeepSeekMoE) (V3 gate and V2 gate).
 
   Returns (weights [T, k] f32, idx [T, k] int), experts of each token in descending biased score.
   """

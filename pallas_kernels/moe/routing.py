@@ -15,7 +15,7 @@ What runs where, and why
   batched-matmul path `impl="xla_blocked"`), and the Pallas kernels run only in interpret mode
   (tests).
 
-The gate follows SPEC.md section 3 exactly: scores in float32; `e_score_correction_bias` is added for
+The gate follows the DeepSeek-V3 report (DeepSeekMoE) exactly: scores in float32; `e_score_correction_bias` is added for
 *selection only*; non-selected groups are masked with -inf (masking with 0.0 picks differently when
 biased scores are negative); weights are the unbiased scores of the chosen experts.
 """

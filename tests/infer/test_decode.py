@@ -49,7 +49,7 @@ def test_cache_holds_only_latent_and_rope_key():
     assert c["moe"]["k_pe"].shape == (2, 2, 10, TINY.qk_rope_head_dim)
     assert c["dense"]["c"].shape[0] == 1 and c["mtp"]["c"].shape[0] == 1
     v3 = dsjax.load_config("configs/deepseek_v3_671b.yaml")
-    # SPEC.md section 2: 576 numbers per token per layer vs 128 x (192 + 128) = 40,960 for plain MHA.
+    # MLA as in the DeepSeek-V2 paper: 576 numbers per token per layer vs 128 x (192 + 128) = 40,960 for plain MHA.
     assert cache_lib.numbers_per_token(v3) == 576 and cache_lib.mha_numbers_per_token(v3) == 40960
 
 

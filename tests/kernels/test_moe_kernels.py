@@ -1,6 +1,6 @@
 """MoE kernels: gmm (all impls, interpret-mode Pallas), routing, permutation, TPU/GPU lowering.
 
-References: pallas_kernels/moe/reference.py (pure jnp / numpy, SPEC.md section 3) and score
+References: pallas_kernels/moe/reference.py (pure jnp / numpy, the DeepSeek-V3 report (DeepSeekMoE)) and score
 tables worked out by hand below.
 """
 import numpy as np

