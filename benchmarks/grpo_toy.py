@@ -14,7 +14,6 @@ policy change (and, as in R1-Zero, response length grows).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -27,7 +26,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsjax.config import apply_overrides, load_config  # noqa: E402
-from dsjax.rl.grpo_trainer import GRPOConfig, evaluate, train_grpo  # noqa: E402
+from dsjax.rl.grpo_trainer import GRPOConfig, train_grpo  # noqa: E402
 from dsjax.rl.sft import SFTConfig, sft  # noqa: E402
 from dsjax.rl.toy_task import _SYMBOL, apply_op, make_problems, reference_completion  # noqa: E402
 from dsjax.train.tokenizer import ByteTokenizer  # noqa: E402

@@ -267,7 +267,7 @@ class PackedChatData:
 def loss_denominators(batch: dict, depth: int) -> jnp.ndarray:
     """Trained-token counts [1 + depth] of a whole batch (the LM target t+1 and each MTP depth), which
     gradient accumulation divides every micro-batch's loss sums by."""
-    tokens, seg, lmask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
+    seg, lmask = batch["segment_ids"], batch["loss_mask"]
     out = []
     for k in range(1, depth + 2):
         tgt_mask, valid = shifted(lmask, seg, k)

@@ -22,7 +22,6 @@ table. Heads are padded to a power of two >= 16 and blocked by 64 (FlashMLA's ch
 """
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl

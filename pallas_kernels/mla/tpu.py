@@ -27,7 +27,6 @@ log-sum-exp; the caller combines the splits in XLA.
 """
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl

@@ -39,93 +39,93 @@ Impl = Literal["auto", "pallas", "xla", "xla_blocked"]
 
 
 def _xla_gmm(lhs, rhs, group_sizes, transpose_rhs):
-  if transpose_rhs:
-    rhs = jnp.swapaxes(rhs, 1, 2)
-  out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
-  return out.astype(lhs.dtype)
+    if transpose_rhs:
+        rhs = jnp.swapaxes(rhs, 1, 2)
+    out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+    return out.astype(lhs.dtype)
 
 
 def _xla_tgmm(lhs, dout, group_sizes):
-  # Ragged contracting dimension: rows (dim 0) of both operands, one output per group.
-  dims = jax.lax.RaggedDotDimensionNumbers(
-      dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
-      rhs_group_dimensions=[])
-  return jax.lax.ragged_dot_general(lhs, dout, group_sizes, dims,
-                                    preferred_element_type=jnp.float32)
+    # Ragged contracting dimension: rows (dim 0) of both operands, one output per group.
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[])
+    return jax.lax.ragged_dot_general(lhs, dout, group_sizes, dims,
+                                      preferred_element_type=jnp.float32)
 
 
 def _unavailable_gmm(lhs, rhs, group_sizes, t):
-  n = rhs.shape[1] if t else rhs.shape[2]
-  return unavailable(lhs, (lhs.shape[0], n), lhs.dtype, "gmm")
+    n = rhs.shape[1] if t else rhs.shape[2]
+    return unavailable(lhs, (lhs.shape[0], n), lhs.dtype, "gmm")
 
 
 def _unavailable_tgmm(lhs, dout, group_sizes):
-  return unavailable(lhs, (group_sizes.shape[0], lhs.shape[1], dout.shape[1]), jnp.float32, "tgmm")
+    return unavailable(lhs, (group_sizes.shape[0], lhs.shape[1], dout.shape[1]), jnp.float32, "tgmm")
 
 
 def _kernels(impl, interpret, interpret_kernel, tiling, block):
-  """(gmm_fn(lhs, rhs, gs, transpose_rhs), tgmm_fn(lhs, dout, gs)) for one implementation."""
-  from pallas_kernels.moe import gpu, tpu  # imported lazily: they pull in Pallas backends
+    """(gmm_fn(lhs, rhs, gs, transpose_rhs), tgmm_fn(lhs, dout, gs)) for one implementation."""
+    from pallas_kernels.moe import gpu, tpu  # imported lazily: they pull in Pallas backends
 
-  def tpu_gmm(l, r, g, t):
-    return tpu.gmm(l, r, g, transpose_rhs=t, tiling=tiling, interpret=interpret)
+    def tpu_gmm(l, r, g, t):
+        return tpu.gmm(l, r, g, transpose_rhs=t, tiling=tiling, interpret=interpret)
 
-  def tpu_tgmm(l, d, g):
-    return tpu.tgmm(l, d, g, tiling=tiling, interpret=interpret)
+    def tpu_tgmm(l, d, g):
+        return tpu.tgmm(l, d, g, tiling=tiling, interpret=interpret)
 
-  def gpu_gmm(l, r, g, t):
-    return gpu.gmm(l, r, g, transpose_rhs=t, tiling=tiling, interpret=interpret)
+    def gpu_gmm(l, r, g, t):
+        return gpu.gmm(l, r, g, transpose_rhs=t, tiling=tiling, interpret=interpret)
 
-  def gpu_tgmm(l, d, g):
-    return gpu.tgmm(l, d, g, tiling=tiling, interpret=interpret)
+    def gpu_tgmm(l, d, g):
+        return gpu.tgmm(l, d, g, tiling=tiling, interpret=interpret)
 
-  def blocked_gmm(l, r, g, t):
-    return blocked.gmm(l, r, g, transpose_rhs=t, block=block)
+    def blocked_gmm(l, r, g, t):
+        return blocked.gmm(l, r, g, transpose_rhs=t, block=block)
 
-  def blocked_tgmm(l, d, g):
-    return blocked.tgmm(l, d, g, block=block)
+    def blocked_tgmm(l, d, g):
+        return blocked.tgmm(l, d, g, block=block)
 
-  if impl == "xla":
-    return _xla_gmm, _xla_tgmm
-  if impl == "xla_blocked":
-    return blocked_gmm, blocked_tgmm
-  if impl == "pallas" and interpret:
-    return (gpu_gmm, gpu_tgmm) if interpret_kernel == "gpu" else (tpu_gmm, tpu_tgmm)
-  if impl == "pallas":
-    default_gmm, default_tgmm = _unavailable_gmm, _unavailable_tgmm
-  elif impl == "auto":
-    default_gmm, default_tgmm = blocked_gmm, blocked_tgmm
-  else:
-    raise ValueError(f"gmm: unknown impl {impl!r}; expected one of auto, pallas, xla, xla_blocked")
+    if impl == "xla":
+        return _xla_gmm, _xla_tgmm
+    if impl == "xla_blocked":
+        return blocked_gmm, blocked_tgmm
+    if impl == "pallas" and interpret:
+        return (gpu_gmm, gpu_tgmm) if interpret_kernel == "gpu" else (tpu_gmm, tpu_tgmm)
+    if impl == "pallas":
+        default_gmm, default_tgmm = _unavailable_gmm, _unavailable_tgmm
+    elif impl == "auto":
+        default_gmm, default_tgmm = blocked_gmm, blocked_tgmm
+    else:
+        raise ValueError(f"gmm: unknown impl {impl!r}; expected one of auto, pallas, xla, xla_blocked")
 
-  def gmm_fn(l, r, g, t):
-    return jax.lax.platform_dependent(
-        l, r, g, tpu=functools.partial(tpu_gmm, t=t), cuda=functools.partial(gpu_gmm, t=t),
-        default=functools.partial(default_gmm, t=t))
+    def gmm_fn(l, r, g, t):
+        return jax.lax.platform_dependent(
+            l, r, g, tpu=functools.partial(tpu_gmm, t=t), cuda=functools.partial(gpu_gmm, t=t),
+            default=functools.partial(default_gmm, t=t))
 
-  def tgmm_fn(l, d, g):
-    return jax.lax.platform_dependent(l, d, g, tpu=tpu_tgmm, cuda=gpu_tgmm, default=default_tgmm)
+    def tgmm_fn(l, d, g):
+        return jax.lax.platform_dependent(l, d, g, tpu=tpu_tgmm, cuda=gpu_tgmm, default=default_tgmm)
 
-  return gmm_fn, tgmm_fn
+    return gmm_fn, tgmm_fn
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm(lhs, rhs, group_sizes, config):
-  gmm_fn, _ = _kernels(*config)
-  return gmm_fn(lhs, rhs, group_sizes, False)
+    gmm_fn, _ = _kernels(*config)
+    return gmm_fn(lhs, rhs, group_sizes, False)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, config):
-  return _gmm(lhs, rhs, group_sizes, config), (lhs, rhs, group_sizes)
+    return _gmm(lhs, rhs, group_sizes, config), (lhs, rhs, group_sizes)
 
 
 def _gmm_bwd(config, res, dout):
-  lhs, rhs, group_sizes = res
-  gmm_fn, tgmm_fn = _kernels(*config)
-  dout = dout.astype(lhs.dtype)
-  dlhs = gmm_fn(dout, rhs, group_sizes, True)  # dout @ rhs[g]^T, no transposed copy of rhs
-  drhs = tgmm_fn(lhs, dout, group_sizes).astype(rhs.dtype)  # [groups, k, n]
-  return dlhs, drhs, None
+    lhs, rhs, group_sizes = res
+    gmm_fn, tgmm_fn = _kernels(*config)
+    dout = dout.astype(lhs.dtype)
+    dlhs = gmm_fn(dout, rhs, group_sizes, True)  # dout @ rhs[g]^T, no transposed copy of rhs
+    drhs = tgmm_fn(lhs, dout, group_sizes).astype(rhs.dtype)  # [groups, k, n]
+    return dlhs, drhs, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -134,24 +134,24 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 def gmm(lhs, rhs, group_sizes, *, impl: Impl = "auto", interpret: bool = False,
         interpret_kernel: Literal["tpu", "gpu"] = "tpu",
         tiling: Optional[tuple[int, int, int]] = None, block: Optional[int] = None):
-  """Grouped matmul: out[rows of group g] = lhs[rows of g] @ rhs[g]; see the module docstring.
+    """Grouped matmul: out[rows of group g] = lhs[rows of g] @ rhs[g]; see the module docstring.
 
-  tiling: (tm, tk, tn) for the Pallas kernels (None: per-backend defaults in tpu.py / gpu.py).
-  block: rows per block for impl="xla_blocked" (None: chosen from m / groups).
-  """
-  if lhs.ndim != 2 or rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
-    raise ValueError(f"gmm: want lhs [m, k] and rhs [groups, k, n]; got {lhs.shape}, {rhs.shape}")
-  if group_sizes.shape != (rhs.shape[0],) or group_sizes.dtype != jnp.int32:
-    raise ValueError(f"gmm: group_sizes must be int32 [{rhs.shape[0]}]; "
-                     f"got {group_sizes.dtype} {group_sizes.shape}")
-  if impl not in ("auto", "pallas", "xla", "xla_blocked"):
-    raise ValueError(f"gmm: unknown impl {impl!r}; expected one of auto, pallas, xla, xla_blocked")
-  return _gmm(lhs, rhs, group_sizes, (impl, interpret, interpret_kernel, tiling, block))
+    tiling: (tm, tk, tn) for the Pallas kernels (None: per-backend defaults in tpu.py / gpu.py).
+    block: rows per block for impl="xla_blocked" (None: chosen from m / groups).
+    """
+    if lhs.ndim != 2 or rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
+        raise ValueError(f"gmm: want lhs [m, k] and rhs [groups, k, n]; got {lhs.shape}, {rhs.shape}")
+    if group_sizes.shape != (rhs.shape[0],) or group_sizes.dtype != jnp.int32:
+        raise ValueError(f"gmm: group_sizes must be int32 [{rhs.shape[0]}]; "
+                         f"got {group_sizes.dtype} {group_sizes.shape}")
+    if impl not in ("auto", "pallas", "xla", "xla_blocked"):
+        raise ValueError(f"gmm: unknown impl {impl!r}; expected one of auto, pallas, xla, xla_blocked")
+    return _gmm(lhs, rhs, group_sizes, (impl, interpret, interpret_kernel, tiling, block))
 
 
 def tgmm(lhs, dout, group_sizes, *, impl: Impl = "auto", interpret: bool = False,
          interpret_kernel: Literal["tpu", "gpu"] = "tpu",
          tiling: Optional[tuple[int, int, int]] = None, block: Optional[int] = None):
-  """out[g] = lhs[rows of g]^T @ dout[rows of g] -> [groups, k, n] float32 (gmm's rhs gradient)."""
-  _, tgmm_fn = _kernels(impl, interpret, interpret_kernel, tiling, block)
-  return tgmm_fn(lhs, dout, group_sizes)
+    """out[g] = lhs[rows of g]^T @ dout[rows of g] -> [groups, k, n] float32 (gmm's rhs gradient)."""
+    _, tgmm_fn = _kernels(impl, interpret, interpret_kernel, tiling, block)
+    return tgmm_fn(lhs, dout, group_sizes)

@@ -1,5 +1,4 @@
 """Multi-host helpers on one process: environment detection and per-host batch slices."""
-import jax
 import numpy as np
 
 from dsjax.parallel import distributed as dist

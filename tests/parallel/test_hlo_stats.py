@@ -4,7 +4,6 @@ an all-gather of a known shard inside a scan of known length, a psum outside it,
 compiled for this CPU and for a v5p:2x2x1 TPU topology (libtpu's compiler, no TPU)."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 

@@ -1,6 +1,5 @@
 """Distillation end to end with a stub teacher: the written data holds exactly the samples the rule
 reward accepts (decided here by hand), in order, and the student is SFT'd on them."""
-import dataclasses
 import json
 import os
 

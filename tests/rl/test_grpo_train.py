@@ -1,7 +1,6 @@
 """GRPO training: with a fixed batch of rollouts the first inner step has ratio 1 (logp_old == logp_new,
 clip fraction 0) and the loss falls over inner steps; rollout packing aligns the mask with the sampled
 tokens; a short run on the toy task raises the mean reward and a smoke run exercises the loop."""
-import dataclasses
 import json
 import os
 

@@ -2,7 +2,6 @@
 corrupt-checkpoint fallback, and the failure messages."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
