@@ -67,7 +67,8 @@ class MTP(nn.Module):
     """One multi-token-prediction depth k (DeepSeek-V3 report, section 2.2), a scan step over depths:
     h'_t = eh_proj([enorm(Emb(token_{t+k})) ; hnorm(h^{k-1}_t)]), h^k = Block(h'),
     logits_k = head(shared_head_norm(h^k)), with the main model's embedding and head (shared, passed in).
-    Carries h^k; emits (logits_k [b, s, vocab], MoE load [E] or None)."""
+    Carries h^k; emits (the head's input shared_head_norm(h^k) [b, s, hidden], MoE load [E] or None):
+    the caller applies the head (or a chunked loss does)."""
 
     cfg: ModelConfig
     mesh: Any = None
@@ -86,8 +87,7 @@ class MTP(nn.Module):
         nxt, valid = shifted_k  # token t+k [b, s] and whether it exists in t's row and segment
         e = embed(shared, nxt, self.cfg) * valid[..., None].astype(h_prev.dtype)
         x, stats = self.block(mtp_input(self.w, e, h_prev, self.cfg), cos, sin, segment_ids, token_mask)
-        logits = head(shared, self.head_norm(x), self.cfg)
-        return x, (logits, None if stats is None else stats["load"])
+        return x, (self.head_norm(x), None if stats is None else stats["load"])
 
 
 def _scanned(layer, n: int, in_axes=nn.broadcast, unroll: int = 1):
@@ -130,7 +130,7 @@ class DeepseekV3(nn.Module):
             self.mtp_layers = _scanned(MTP, c.num_nextn_predict_layers, in_axes=(0,) + (nn.broadcast,) * 5)(
                 c, self.mesh)
 
-    def __call__(self, tokens, positions=None, segment_ids=None, with_mtp: bool = True):
+    def __call__(self, tokens, positions=None, segment_ids=None, with_mtp: bool = True, with_logits: bool = True):
         c = self.cfg
         b, s = tokens.shape
         if positions is None:
@@ -146,12 +146,15 @@ class DeepseekV3(nn.Module):
             x, stats = self.moe_layers(x, cos, sin, segment_ids, token_mask)
             aux["expert_load"], aux["seq_count"], aux["seq_prob"] = stats["load"], stats["seq_count"], stats["seq_prob"]
         h = self.final_norm(x)
-        logits = head(shared, h, c)
+        logits = head(shared, h, c) if with_logits else None
         aux["hidden"] = h
         if c.num_nextn_predict_layers and with_mtp:
             nxt = _all_shifted(tokens, segment_ids, c.num_nextn_predict_layers)
-            _, (mtp_logits, loads) = self.mtp_layers(h, nxt, shared, cos, sin, segment_ids, token_mask)
-            aux["mtp_logits"] = mtp_logits
+            _, (mtp_hidden, loads) = self.mtp_layers(h, nxt, shared, cos, sin, segment_ids, token_mask)
+            if with_logits:
+                aux["mtp_logits"] = head(shared, mtp_hidden, c)  # [depth, b, s, vocab]
+            else:
+                aux["mtp_hidden"] = mtp_hidden
             if loads is not None:
                 aux["mtp_expert_load"] = loads
         return logits, aux
@@ -173,7 +176,7 @@ def embed(params, tokens, cfg: ModelConfig):
 
 
 def forward(params: dict, tokens: jnp.ndarray, cfg: ModelConfig, *, positions=None, segment_ids=None,
-            with_mtp: bool = True, mesh=None):
+            with_mtp: bool = True, mesh=None, with_logits: bool = True):
     """DeepSeek-V3 forward: `DeepseekV3(cfg, mesh).apply` on a params pytree. tokens [batch, seq] int
     -> (logits [batch, seq, vocab] float32, aux).
 
@@ -185,8 +188,11 @@ def forward(params: dict, tokens: jnp.ndarray, cfg: ModelConfig, *, positions=No
          hidden [batch, seq, hidden] (after the final norm), and, when the config has MTP and
          with_mtp, mtp_logits [depth, batch, seq, vocab] (depth k at position t predicts token t+k+1)
          plus mtp_expert_load [depth, E] when the MTP blocks are MoE.
+    with_logits=False skips the head (logits None): a chunked loss applies it to aux["hidden"] and
+    aux["mtp_hidden"] [depth, batch, seq, hidden] (after each depth's shared_head_norm) itself.
     """
-    return DeepseekV3(cfg, mesh).apply({"params": params}, tokens, positions, segment_ids, with_mtp)
+    return DeepseekV3(cfg, mesh).apply({"params": params}, tokens, positions, segment_ids, with_mtp,
+                                                        with_logits)
 
 
 def block(p: dict, x, cos, sin, segment_ids, token_mask, cfg: ModelConfig, is_moe: bool, mesh=None):

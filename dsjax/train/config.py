@@ -149,6 +149,9 @@ class TrainConfig(RunConfig):
     mtp_lambda: float = 0.3
     balance_alpha: float = 1e-4
     z_loss: float = 0.0
+    # Cross-entropy over sequence chunks of this many tokens, never holding [batch, seq, vocab] float32
+    # logits or their gradient (each chunk's logits are recomputed in the backward pass). 0: unchunked.
+    ce_chunk: int = 0
     eval_batches: int = 2
     peak_flops: float = 0.0  # per device; 0 = measure (CPU) or look up (TPU/GPU)
     data: Any = dataclasses.field(default_factory=_data_default)  # dsjax.train.data.DataConfig
@@ -157,7 +160,7 @@ class TrainConfig(RunConfig):
         super().__post_init__()
         self.check_positive("eval_every")
         self.check_rows()
-        self.check_ranges(("eval_batches",), (("mtp_lambda", 0, False, None), ("balance_alpha", 0, False, None),
+        self.check_ranges(("eval_batches", "ce_chunk"), (("mtp_lambda", 0, False, None), ("balance_alpha", 0, False, None),
                                               ("z_loss", 0, False, None), ("peak_flops", 0, False, None)))
 
     @property

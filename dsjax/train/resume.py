@@ -4,8 +4,8 @@ A workdir records the run config it was last run with (WORKDIR/run_config.yaml).
 a different config compares the two field by field; every field is in exactly one class:
 
   FREE        bookkeeping and layout: how often to log, evaluate and checkpoint, how many checkpoints
-              to keep, the progress bar, nan_policy, peak_flops, the mesh (Orbax reshards the
-              checkpoint onto the new one), the model's runtime-only fields (compute dtype, kernels,
+              to keep, the progress bar, nan_policy, peak_flops, ce_chunk (the same loss in chunks),
+              the mesh (Orbax reshards the checkpoint onto the new one), the model's runtime-only fields (compute dtype, kernels,
               remat, scan unroll) and the data loader's threads/prefetch. Changed silently.
   SCHEDULE    optimiser and loss hyper-parameters whose state the checkpoint holds in the same tree:
               steps (the lr schedule is laid over the new total), lr, warmup and decay points,
@@ -27,7 +27,7 @@ import yaml
 from dsjax.config import RUNTIME_ONLY, ConfigError
 
 FREE = frozenset({"log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-                  "async_checkpointing", "nan_policy", "peak_flops", "progress",
+                  "async_checkpointing", "nan_policy", "peak_flops", "progress", "ce_chunk",
                   "data.num_threads", "data.prefetch"} | {f"model.{k}" for k in RUNTIME_ONLY})
 SCHEDULE = frozenset({"steps", "lr", "warmup_steps", "decay_start_fraction", "decay_end_fraction", "final_lr_ratio",
                       "b1", "b2", "eps", "weight_decay", "clip_norm", "grad_accum", "mtp_lambda", "balance_alpha",

@@ -130,7 +130,7 @@ def pretrain_loss(model_cfg, tcfg, mesh=None):
     """Pretraining's (loss, split_loss) for make_step: next-token + MTP + balance (+ z) loss.
     mesh: the mesh the step runs under (None: one device)."""
     lfn = functools.partial(loss_fn, cfg=model_cfg, mtp_lambda=tcfg.mtp_lambda, balance_alpha=tcfg.balance_alpha,
-                            z_loss=tcfg.z_loss, mesh=mesh)
+                            z_loss=tcfg.z_loss, mesh=mesh, ce_chunk=tcfg.ce_chunk)
 
     def split(batch, n):
         # LM/MTP losses are micro-batch sums divided by the whole batch's token counts, and the
