@@ -14,6 +14,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+# model.remat_policy values (what each keeps: dsjax.model.remat)
+REMAT_POLICIES = ("none", "full", "dots_saveable", "offload_inputs")
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or inconsistent. The message names the field."""
@@ -87,7 +90,7 @@ class ModelConfig:
     moe_block_size: int = 64  # rows per expert block in the blocked / pallas paths
     attention_impl: str = "xla"  # xla | pallas
     kernel_interpret: bool = False  # run Pallas kernels in interpret mode (CPU tests)
-    remat_policy: str = "none"  # none | full | dots_saveable
+    remat_policy: str = "none"  # none | full | dots_saveable | offload_inputs (dsjax.model.remat)
     # Layers per scan iteration (lax.scan's unroll). 1 keeps compile time flat in depth; unrolling a
     # small model's stack lets XLA:CPU skip the per-iteration residual stacking (cpu_bench: -26% step).
     scan_unroll: int = 1
@@ -216,8 +219,8 @@ def _validate(c: ModelConfig) -> None:
     need(c.moe_impl in ("blocked", "ragged_dot", "dense", "pallas"), "moe_impl",
          f"must be one of blocked, ragged_dot, dense, pallas; got {c.moe_impl!r}")
     need(c.attention_impl in ("xla", "pallas"), "attention_impl", f"must be xla or pallas, got {c.attention_impl!r}")
-    need(c.remat_policy in ("none", "full", "dots_saveable"), "remat_policy",
-         f"must be none, full or dots_saveable; got {c.remat_policy!r}")
+    need(c.remat_policy in REMAT_POLICIES, "remat_policy",
+         f"must be one of {', '.join(REMAT_POLICIES)}; got {c.remat_policy!r}")
     need(c.moe_block_size > 0, "moe_block_size", f"must be > 0, got {c.moe_block_size}")
     need(isinstance(c.fp8, bool), "fp8", f"must be true or false, got {c.fp8!r}")
     need(not (c.fp8 and c.moe_impl == "pallas"), "fp8",

@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
+from dsjax.model import remat
 from dsjax.model.layers import MLP, RMSNorm, dense, param
 from dsjax.model.mla import MLA
 from dsjax.model.moe import MoE
@@ -51,6 +51,7 @@ class Block(nn.Module):
         nn.share_scope(self, self.post_attention_norm)
 
     def __call__(self, x, cos, sin, segment_ids, token_mask):
+        x = remat.tag_layer_input(x)  # what remat_policy=offload_inputs keeps in host memory
         h = x + self.self_attn(self.input_norm(x), cos, sin, segment_ids)
         return self.feed_forward(h, token_mask)
 
@@ -98,11 +99,10 @@ def _scanned(layer, n: int, in_axes=nn.broadcast, unroll: int = 1):
 
 
 def _remat(layer, cfg: ModelConfig):
-    if cfg.remat_policy == "full":
-        return nn.remat(layer)
-    if cfg.remat_policy == "dots_saveable":
-        return nn.remat(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    return layer
+    """The scanned layer under cfg.remat_policy (the table in dsjax.model.remat)."""
+    if cfg.remat_policy == "none":
+        return layer
+    return nn.remat(layer, policy=remat.checkpoint_policy(cfg.remat_policy))
 
 
 class DeepseekV3(nn.Module):

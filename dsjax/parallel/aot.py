@@ -186,6 +186,7 @@ class Report:
     out_bytes: float = 0.0
     alias_bytes: float = 0.0
     code_bytes: float = 0.0
+    host_temp_bytes: float = 0.0  # temporaries in host memory (remat_policy=offload_inputs), not in HBM
     state_bytes: float = 0.0
     flops: dict = dataclasses.field(default_factory=dict)
     compile_seconds: float = 0.0
@@ -231,6 +232,9 @@ class Report:
                 f"({100 * self.total_bytes / self.hbm:.0f}%) -> {'FITS' if self.fits else 'DOES NOT FIT'}",
                 f"compile time: {self.compile_seconds:.0f} s",
             ]
+            if self.host_temp_bytes:
+                lines.insert(-1, f"per-chip host memory (offloaded temporaries, not in HBM): "
+                                 f"{self.host_temp_bytes / GiB:.2f} GiB")
         elif self.oom is not None:
             lines += [f"per-chip train state: {self.state_bytes / GiB:.2f} GiB of {chip.hbm_bytes / GiB:.2f} GiB",
                       f"XLA refused to compile (after {self.compile_seconds:.0f} s): {self.oom}",
@@ -336,6 +340,7 @@ def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int
     rep.out_bytes = ma.output_size_in_bytes
     rep.alias_bytes = ma.alias_size_in_bytes
     rep.code_bytes = ma.generated_code_size_in_bytes
+    rep.host_temp_bytes = getattr(ma, "host_temp_size_in_bytes", 0) or 0
     slice_of = [getattr(d, "slice_index", 0) for d in mesh.devices.flat]
     text = compiled.as_text()
     if hlo_out:
