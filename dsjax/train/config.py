@@ -154,13 +154,20 @@ class TrainConfig(RunConfig):
     ce_chunk: int = 0
     eval_batches: int = 2
     peak_flops: float = 0.0  # per device; 0 = measure (CPU) or look up (TPU/GPU)
+    # The documents are split into data_shards streams, each giving batch_size / data_shards rows of every
+    # batch; each process reads its own shards (0: one per process). The batches depend on this number,
+    # not on how many processes read them.
+    data_shards: int = 0
     data: Any = dataclasses.field(default_factory=_data_default)  # dsjax.train.data.DataConfig
 
     def __post_init__(self):
         super().__post_init__()
         self.check_positive("eval_every")
         self.check_rows()
-        self.check_ranges(("eval_batches", "ce_chunk"), (("mtp_lambda", 0, False, None), ("balance_alpha", 0, False, None),
+        self.need(self.data_shards == 0 or self.batch_size % (self.data_shards * self.grad_accum) == 0, "data_shards",
+                  f"batch_size {self.batch_size} is not divisible by data_shards {self.data_shards} x grad_accum "
+                  f"{self.grad_accum}")
+        self.check_ranges(("eval_batches", "ce_chunk", "data_shards"), (("mtp_lambda", 0, False, None), ("balance_alpha", 0, False, None),
                                               ("z_loss", 0, False, None), ("peak_flops", 0, False, None)))
 
     @property

@@ -4,8 +4,11 @@ in the log rows. The loop, the mesh, checkpoints and resumption are the engine's
 from __future__ import annotations
 
 import jax
+import numpy as np
 
+from dsjax.config import ConfigError
 from dsjax.model.params import init_params
+from dsjax.parallel.distributed import gather_json
 from dsjax.train import engine
 from dsjax.train.config import TrainConfig
 from dsjax.train.engine import TrainingError  # noqa: F401  (re-exported: the CLI and tests catch it here)
@@ -21,26 +24,50 @@ class PretrainTask(engine.Task):
         self.flops_per_token = train_flops_per_token(tcfg.model, tcfg.seq_len, tcfg.mtp_lambda > 0)
         self.eval_fn = None
 
-    def _dataset(self, split):
+    def _shards(self) -> list[int]:
+        """The data shards this process reads (shard s goes to process s % process_count)."""
+        n, p = self.num_shards, jax.process_count()
+        if n % p:
+            raise ConfigError(f"data_shards: {n} shards do not divide over {p} processes")
+        return list(range(jax.process_index(), n, p))
+
+    def _datasets(self, split):
         from dsjax.train.data import make_dataset
 
         t = self.cfg
-        return make_dataset(t.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed, split=split)
+        return [make_dataset(t.data, seq_len=t.seq_len, batch_size=t.batch_size // self.num_shards, seed=t.seed,
+                             split=split, process_index=s, process_count=self.num_shards) for s in self._shards()]
 
     def start(self, run):
         self.run = run
         self.loss, self.split_loss = pretrain_loss(self.cfg.model, self.cfg, run.mesh)
-        self.data = self._dataset("train")
+        self.num_shards = self.cfg.data_shards or jax.process_count()
+        self.data = self._datasets("train")
         self.peak = device_peak(self.cfg) * len(jax.devices())
 
     def next_batch(self, step, state):
-        return next(self.data)
+        parts = [next(d) for d in self.data]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def data_state(self, step):
-        return self.data.get_state()
+        if self.num_shards == 1:
+            return self.data[0].get_state()  # (the format of single-stream workdirs)
+        mine = {str(s): d.get_state() for s, d in zip(self._shards(), self.data)}
+        merged = {}
+        for part in gather_json(mine):
+            merged.update(part)
+        return {"shards": merged}
 
     def set_data_state(self, data_state):
-        self.data.set_state(data_state)
+        if self.num_shards == 1 and "shards" not in data_state:
+            self.data[0].set_state(data_state)
+            return
+        saved = data_state.get("shards", {}) if isinstance(data_state, dict) else {}
+        if len(saved) != self.num_shards:
+            raise ConfigError(f"data_shards: the checkpoint's data position has {len(saved) or 1} shard(s), this "
+                              f"run reads {self.num_shards}; set data_shards={len(saved) or 1}")
+        for s, d in zip(self._shards(), self.data):
+            d.set_state(saved[str(s)])
 
     def tokens(self, batch):
         return float(self.cfg.tokens_per_step)
@@ -53,13 +80,18 @@ class PretrainTask(engine.Task):
     def evaluate(self, params):
         if self.eval_fn is None:
             self.eval_fn = jit_step(make_eval_step(self.cfg.model, self.cfg, self.run.mesh))
-        it = self._dataset("eval")
+        its = self._datasets("eval")
+        rows = (self.cfg.batch_size // self.num_shards, self.cfg.seq_len)
         tot, n = 0.0, 0.0
         for _ in range(self.cfg.eval_batches):
-            try:
-                batch = next(it)
-            except StopIteration:
+            # Every process runs the same number of eval steps: a shard that ran out gives padding rows
+            # (segment 0: no tokens), so the shards' different lengths cannot desynchronise the collectives.
+            parts = [next(it, None) for it in its]
+            if all(p is None for p in parts) and jax.process_count() == 1:
                 break
+            parts = [p if p is not None else {k: np.zeros(rows, np.int32) for k in ("tokens", "segment_ids",
+                                                                                   "positions")} for p in parts]
+            batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             m = self.eval_fn(params, self.run.place_batch(batch))
             tot += float(m["loss"])
             n += float(m["tokens"])
