@@ -36,7 +36,11 @@ def _two_processes(workdir, steps):
         port = s.getsockname()[1]
     procs = [_train(workdir, steps, _env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                                          JAX_PROCESS_ID=str(i))) for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # (no-op for a finished process; never leave a half of the run waiting on the other)
     for i, (p, (_, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i}: {err[-3000:]}"
 
@@ -49,11 +53,14 @@ def _rows(workdir):
 def test_two_processes_equal_one_process_and_resume(tmp_path):
     one = tmp_path / "one"
     ref = _train(one, 4, _env(8))
-    two = tmp_path / "two"
-    _two_processes(two, 3)
-    assert sorted(os.listdir(two / "checkpoints")) == ["3"]
-    _two_processes(two, 4)  # resumes from the checkpoint at step 3 on both processes
-    _, err = ref.communicate(timeout=300)
+    try:
+        two = tmp_path / "two"
+        _two_processes(two, 3)
+        assert sorted(os.listdir(two / "checkpoints")) == ["3"]
+        _two_processes(two, 4)  # resumes from the checkpoint at step 3 on both processes
+        _, err = ref.communicate(timeout=300)
+    finally:
+        ref.kill()
     assert ref.returncode == 0, err[-3000:]
     a, b = _rows(one), _rows(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
