@@ -37,7 +37,7 @@ def _two_processes(workdir, steps):
     procs = [_train(workdir, steps, _env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                                          JAX_PROCESS_ID=str(i))) for i in range(2)]
     try:
-        outs = [p.communicate(timeout=300) for p in procs]
+        outs = [p.communicate(timeout=600) for p in procs]
     finally:
         for p in procs:
             p.kill()  # (no-op for a finished process; never leave a half of the run waiting on the other)
@@ -58,7 +58,7 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
         _two_processes(two, 3)
         assert sorted(os.listdir(two / "checkpoints")) == ["3"]
         _two_processes(two, 4)  # resumes from the checkpoint at step 3 on both processes
-        _, err = ref.communicate(timeout=300)
+        _, err = ref.communicate(timeout=600)
     finally:
         ref.kill()
     assert ref.returncode == 0, err[-3000:]
