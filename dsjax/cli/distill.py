@@ -8,6 +8,9 @@ from __future__ import annotations
 
 
 def run(args) -> int:
+    from dsjax.train.engine import start_runtime
+
+    start_runtime()  # a multi-host launch joins its peers before anything touches a device
     from dsjax.rl.distill import DistillConfig, distill
     from dsjax.train.config import load_run_config
 

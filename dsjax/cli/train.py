@@ -7,6 +7,9 @@ from __future__ import annotations
 
 
 def run(args) -> int:
+    from dsjax.train.engine import start_runtime
+
+    start_runtime()  # a multi-host launch joins its peers before anything touches a device
     from dsjax.train.config import load_train_config
     from dsjax.train.trainer import TrainingError, train
 

@@ -110,6 +110,7 @@ def train(tcfg: TrainConfig, workdir: str, *, stop_after: int | None = None) -> 
 
     One trainer per workdir (dsjax.train.workdir_lock); a changed run config is resumed or refused
     field by field (dsjax.train.resume)."""
+    engine.start_runtime()  # first: PretrainTask's FLOP count traces the model, which starts the backend
     _, rows = engine.run(PretrainTask(tcfg), workdir, lambda: init_params(tcfg.model, tcfg.seed),
                          stop_after=stop_after, batch_size=tcfg.batch_size // tcfg.grad_accum)
     return rows
