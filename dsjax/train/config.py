@@ -167,8 +167,9 @@ class TrainConfig(RunConfig):
         self.need(self.data_shards == 0 or self.batch_size % (self.data_shards * self.grad_accum) == 0, "data_shards",
                   f"batch_size {self.batch_size} is not divisible by data_shards {self.data_shards} x grad_accum "
                   f"{self.grad_accum}")
-        self.check_ranges(("eval_batches", "ce_chunk", "data_shards"), (("mtp_lambda", 0, False, None), ("balance_alpha", 0, False, None),
-                                              ("z_loss", 0, False, None), ("peak_flops", 0, False, None)))
+        self.check_ranges(("eval_batches", "ce_chunk", "data_shards"),
+                          (("mtp_lambda", 0, False, None), ("balance_alpha", 0, False, None),
+                           ("z_loss", 0, False, None), ("peak_flops", 0, False, None)))
 
     @property
     def tokens_per_step(self) -> int:
