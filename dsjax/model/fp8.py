@@ -33,7 +33,7 @@ Qwix (google/qwix 0.1.8, the quantization library MaxText uses) was considered a
   - it finds weights by intercepting Flax modules' dot_general/einsum calls, while dsjax's dense, SwiGLU
     and expert products are pure functions with hand-written VJPs that interception would bypass.
 So the recipe is written here in plain jnp, with every piece tested against values
-derived by hand and a float64 numpy reference (tests/model/test_fp8.py).
+derived by hand and a float64 numpy reference (tests/model/test_fp8_recipe.py).
 """
 from __future__ import annotations
 
