@@ -13,6 +13,12 @@ from dsjax.parallel import aot, hlo_stats, memory_peak
 ROWS, COLS, TRIPS, N = 64, 256, 7, 4  # per-device shard f32[16, 256] = 16 KiB
 
 
+def _line_of(text: str) -> int:
+    """This file's line number of the first line containing text (so edits above it keep the test true)."""
+    with open(__file__) as f:
+        return next(i for i, line in enumerate(f, 1) if text in line)
+
+
 def _program(devices):
     mesh = jax.make_mesh((N,), ("x",), devices=devices)
 
@@ -27,6 +33,9 @@ def _program(devices):
     fn = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
     x = jax.ShapeDtypeStruct((ROWS, COLS), jnp.float32, sharding=NamedSharding(mesh, P("x")))
     return fn.lower(x)
+
+
+_ALL_GATHER_LINE = _line_of("g = jax.lax.all_gather(c")
 
 
 SHARD = ROWS // N * COLS * 4
@@ -87,10 +96,10 @@ def test_hlo_stats_tpu_and_peak_buffers(tmp_path):
         compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True})
     _check(hlo_stats.hlo_stats(compiled.as_text(), num_devices=N))
     peak = memory_peak.peak_buffers(memory_peak.find_dump(str(tmp_path)))
-    # the gathered f32[64, 256] (64 KiB) is the largest temporary, made by the all-gather of line 22
+    # the gathered f32[64, 256] (64 KiB) is the largest temporary, made by the all-gather in _program
     top = peak.buffers[0]
     assert (top.bytes, top.shape, top.opcode) == (ROWS * COLS * 4, f"f32[{ROWS},{COLS}]", "all-gather")
-    assert top.source.endswith("test_hlo_stats.py:22") and "all_gather" in top.op_name
+    assert top.source.endswith(f"test_hlo_stats.py:{_ALL_GATHER_LINE}") and "all_gather" in top.op_name
     assert top.bytes <= peak.peak_bytes <= peak.temp_bytes <= compiled.memory_analysis().temp_size_in_bytes
 
 
