@@ -1,4 +1,4 @@
-"""Multi-token prediction (SPEC.md section 4).
+"""Multi-token prediction (DeepSeek-V3 report, section 2.2).
 
 Depth k (1..D) at position t predicts token t+k+1:
   h'_t = eh_proj([enorm(Emb(token_{t+k})) ; hnorm(h^{k-1}_t)])   (embedding half first, as the released
