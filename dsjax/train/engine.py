@@ -248,7 +248,7 @@ def _loop(task: Task, workdir: str, params, r: Run, stop_after, preempt, notes):
         logger.close()
         if bar is not None:
             bar.close()
-    if preempt.signal_received is not None and r.main:
+    if preempt.signal_received is not None:  # every process: on a pod each host has its own log
         print(f"preempted (signal {preempt.signal_received}): checkpoint saved at step {step} in "
               f"{ckpt.directory}; run the same command again to resume", file=sys.stderr)
     return state, rows

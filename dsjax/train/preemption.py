@@ -3,11 +3,18 @@ goes away. The training loop asks `should_stop(step)` after every step; once it 
 saves a checkpoint at that step and returns, and the CLI exits 0 with a line saying so.
 
 One process (a CPU/GPU box, one TPU VM): a SIGTERM handler sets a flag; the current step finishes.
-A pod (jax.distributed initialised): each host may see the signal at a different step, and a
-checkpoint needs every host at the same step. JAX's preemption sync manager (started by
-`jax.distributed.initialize`, it catches SIGTERM itself) agrees on a step across hosts;
-`multihost_utils.reached_preemption_sync_point(step)` is true on every host at that same step, so no
-Python handler is installed there.
+A pod (jax.distributed initialised): each host may see the signal at a different step (a maintenance
+event signals every VM, not at the same moment; a notice may also reach one host only), and a checkpoint
+needs every host at the same step. JAX's preemption sync manager agrees on one: `jax.distributed.
+initialize` starts it (config jax_enable_preemption_service, on by default) and its notifier catches
+SIGTERM itself (in C++, logging "SIGTERM caught"), so no Python handler is installed there. The first
+notice on any host reaches every host through the distributed runtime's key-value store; the hosts
+then take the largest step any of them has reached, plus one, as the sync point, and
+`multihost_utils.reached_preemption_sync_point(step)` is true on every host at that same step. It
+runs in the distributed client, not on the accelerator, so it works the same on CPU processes: with
+jax 0.10.2, two CPU processes over gloo stop at one step whether SIGTERM reaches one of them or both
+at different moments (tests/train/test_preemption_multihost.py, which also runs `dsjax train` so: every
+host saves that step and exits 0, and the rerun equals an uninterrupted run bit for bit).
 """
 from __future__ import annotations
 
