@@ -72,7 +72,8 @@ logging.getLogger("asyncio").addFilter(_quiet)  # "Task exception was never retr
 
 def _late_callback(exc_type, exc, tb) -> bool:
     """A TensorStore completion calling back into the asyncio loop Orbax already closed after a failed
-    save (printed once per pending write, from C, through sys.excepthook)."""
+    save: raised once per pending write in TensorStore's threads, which report it through
+    sys.unraisablehook (or sys.excepthook), interleaved with the run's own output."""
     if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
         return False
     names = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
@@ -84,7 +85,13 @@ def _excepthook(exc_type, exc, tb, _chained=sys.excepthook):
         _chained(exc_type, exc, tb)
 
 
+def _unraisablehook(unraisable, _chained=sys.unraisablehook):
+    if not _late_callback(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+        _chained(unraisable)
+
+
 sys.excepthook = _excepthook
+sys.unraisablehook = _unraisablehook
 
 _HANDLERS = {"state": ocp.StandardCheckpointHandler, "data": ocp.JsonCheckpointHandler,
              "checksums": ocp.JsonCheckpointHandler}
@@ -207,7 +214,10 @@ class Checkpointer:
 
     def close(self):
         self.wait()
-        self.mngr.close()
+        try:
+            self.mngr.close()
+        except Exception as e:  # noqa: BLE001 — as in wait: a failed async save surfacing at close
+            raise storage_error(e, self.directory) or e
 
 
 def abstract_of(tree):

@@ -11,6 +11,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from dsjax.errors import storage_error
 from dsjax.model.params import count_params
 
 PEAKS = {"tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6": 918e12, "tpu v5 lite": 197e12, "tpu v4": 275e12,
@@ -104,8 +105,11 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:  # a full disk shows at the close's flush, as an OSError naming no file
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise storage_error(e, self.path) or e
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -113,4 +117,7 @@ class MetricsLogger:
 
     def close(self):
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError as e:
+                raise storage_error(e, os.path.join(os.path.dirname(self.path), "tensorboard")) or e
