@@ -127,7 +127,9 @@ def test_expert_parallel_fp8_matches_single_device_fp8(reference):
     (the experts requantize the received rows to the same E4M3 values). Gradients agree within FP8
     precision only: the routed experts' weight-gradient tiles of 128 rows group the rows each device
     holds, not the single-device buffer's (10%), and float32 sums in another order flip a few E4M3
-    roundings of the gradients flowing back (1e-3; 6e-5 measured)."""
+    roundings of the gradients flowing back: one flip moves a term by up to 2^-4 of itself, so the
+    other gradients agree to 1e-2 (measured: 6e-5 to 5.7e-3 for the same model under two attention
+    backward formulations that agree to 1e-6 in float32; a wrong scale or tile would be off by O(1))."""
     cfg, params, tokens, *_ = reference
     cfg = cfg.replace(fp8=True, fp8_impl="emulated")
     (loss0, _), grads0 = _value_and_grad(cfg, params, tokens)
@@ -143,4 +145,4 @@ def test_expert_parallel_fp8_matches_single_device_fp8(reference):
     flat0 = jax.tree_util.tree_flatten_with_path(grads0)[0]
     for (path, g0), g in zip(flat0, jax.tree.leaves(grads)):
         name = jax.tree_util.keystr(path)
-        assert _rel(g, g0) <= (0.1 if "['experts']" in name else 1e-3), name
+        assert _rel(g, g0) <= (0.1 if "['experts']" in name else 1e-2), name
