@@ -36,9 +36,23 @@ def sort_by_expert(idx: jnp.ndarray, num_experts: int):
     return order, flat[order], group_sizes
 
 
+def inverse_permutation(order):
+    """inv with inv[order[j]] = j: where each assignment went in the sorted order."""
+    n = order.shape[0]
+    return jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+
+
+def sorted_rows(x, order, inv, k: int):
+    """Each token's row once per assignment, in sorted order: x[order // k] -> [T*K, hidden]. A gather
+    whose transpose (the sum of each token's K row cotangents) is a gather too: with the autodiff
+    scatter-add, TPU XLA widens 16-bit rows to 32 bits, a 2x copy of the whole [T*K, hidden] array."""
+    return _take_rows(x, order // k, inv.reshape(-1, k), False)
+
+
 def combine(y_sorted, order, w, t: int, k: int):
-    """Undo the sort and add each token's K expert outputs, weighted. y_sorted [T*K, hidden]."""
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
+    """Undo the sort and add each token's K expert outputs, weighted. y_sorted [T*K, hidden]. The
+    unsort is a gather through the inverse permutation (not a scatter, for the reason in sorted_rows)."""
+    y = _take_rows(y_sorted, inverse_permutation(order), order[:, None], False).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y, w.astype(y.dtype))
 
 
@@ -60,7 +74,7 @@ def _experts_grouped(p, x, w, idx, num_experts: int, matmul):
     """Sort tokens by expert, run a grouped matmul `matmul(lhs, rhs, group_sizes)`, combine."""
     t, k = idx.shape
     order, _, group_sizes = sort_by_expert(idx, num_experts)
-    xs = x[order // k]  # [T*K, hidden] grouped by expert
+    xs = sorted_rows(x, order, inverse_permutation(order), k)  # [T*K, hidden] grouped by expert
     dt = x.dtype
     g = matmul(xs, p["gate_proj"].astype(dt), group_sizes)
     u = matmul(xs, p["up_proj"].astype(dt), group_sizes)

@@ -28,7 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
 from dsjax.model.fp8 import send_rows
-from dsjax.model.experts import combine, local_experts, routed_experts, sort_by_expert
+from dsjax.model.experts import (combine, inverse_permutation, local_experts, routed_experts, sort_by_expert,
+                                 sorted_rows)
 from dsjax.model.layers import vary_together, varying_axes
 from dsjax.parallel import ep_capacity
 from dsjax.parallel.shard import token_axes
@@ -82,7 +83,7 @@ def _local(p, x, w, idx, *, cfg: ModelConfig, n: int, axes: tuple[str, ...] = ()
     el = e // n
     me = jax.lax.axis_index(EXPERT_AXIS)
     order, _, counts = sort_by_expert(idx, e)  # counts [E] for my tokens
-    xs = x[order // k]  # [T*K, d], sorted by expert, hence by destination
+    xs = sorted_rows(x, order, inverse_permutation(order), k)  # [T*K, d], sorted by expert, hence by destination
     send = counts.reshape(n, el).sum(1)  # rows to each destination
     send_off = jnp.cumsum(send) - send
     all_counts = jax.lax.all_gather(counts, EXPERT_AXIS)  # [n(src), E]
