@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from typing import Callable, Sequence
 
@@ -19,6 +18,7 @@ from dsjax.rl.rewards import resolve_reward
 from dsjax.rl.rollout import PROMPT_STYLES, decode_completions, encode_prompt, sample_completions
 from dsjax.rl.sft import SFTConfig, load_policy, sft
 from dsjax.rl.toy_task import check_max_value
+from dsjax.train import workdir_io
 from dsjax.train.config import check_positive, to_yaml
 
 # A stub-able teacher: (problems, prompt token ids) -> one completion text per problem.
@@ -95,7 +95,7 @@ def distill(dcfg: DistillConfig, workdir: str, *, teacher=None, problems=None, t
     from dsjax.train import engine
 
     engine.start_runtime()
-    os.makedirs(workdir, exist_ok=True)
+    workdir_io.makedirs(workdir)
     tok = tokenizer or load_tokenizer(dcfg.tokenizer)
     if teacher is None:
         if not dcfg.teacher:
@@ -104,15 +104,12 @@ def distill(dcfg: DistillConfig, workdir: str, *, teacher=None, problems=None, t
     if problems is None:
         problems = load_problems(dcfg.task, "train", dcfg.num_prompts, seed=dcfg.seed, difficulty=dcfg.difficulty,
                                  max_value=dcfg.max_value)
-    with open(os.path.join(workdir, "run_config.yaml"), "w") as f:
-        f.write(to_yaml(dcfg))
+    workdir_io.write_atomic(workdir_io.join(workdir, "run_config.yaml"), to_yaml(dcfg))
     samples = sample_teacher(teacher, problems, tok, dcfg)
     kept, stats = rejection_filter(samples, dcfg.reward, dcfg.threshold)
-    with open(os.path.join(workdir, "distill_data.jsonl"), "w") as f:
-        for conv in to_chat(kept):
-            f.write(json.dumps({"messages": conv}) + "\n")
-    with open(os.path.join(workdir, "distill_stats.json"), "w") as f:
-        json.dump(stats, f)
+    workdir_io.write_atomic(workdir_io.join(workdir, "distill_data.jsonl"),
+                            "".join(json.dumps({"messages": conv}) + "\n" for conv in to_chat(kept)))
+    workdir_io.write_atomic(workdir_io.join(workdir, "distill_stats.json"), json.dumps(stats))
     if verbose:
         print(f"distill: kept {stats['accepted']}/{stats['total']} teacher samples "
               f"({stats['accepted_fraction']:.1%}, mean reward {stats['mean_reward']:.3f})", file=sys.stderr)
@@ -120,6 +117,6 @@ def distill(dcfg: DistillConfig, workdir: str, *, teacher=None, problems=None, t
         raise DataError(f"distill: the filter rejected all {stats['total']} teacher samples ({dcfg.reward} >= "
                         f"{dcfg.threshold}); nothing to train the student on (a stronger teacher, more samples "
                         f"or a lower threshold)")
-    student, _ = sft(dcfg.sft, os.path.join(workdir, "student"), examples=to_chat(kept), tokenizer=tok,
+    student, _ = sft(dcfg.sft, workdir_io.join(workdir, "student"), examples=to_chat(kept), tokenizer=tok,
                      verbose=verbose)
     return student, kept, stats

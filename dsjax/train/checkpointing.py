@@ -17,8 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
-import shutil
 import sys
 import traceback
 import warnings
@@ -30,6 +28,7 @@ from dsjax.checkpoint.safetensors_io import CheckpointError
 from dsjax.config import ConfigError
 from dsjax.errors import storage_error
 from dsjax.checkpoint import checksums
+from dsjax.train import workdir_io
 
 
 class CheckpointMismatchError(ConfigError):
@@ -99,10 +98,10 @@ _HANDLERS = {"state": ocp.StandardCheckpointHandler, "data": ocp.JsonCheckpointH
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int, async_save: bool, read_only: bool = False):
-        self.directory = os.path.abspath(directory)
+        self.directory = workdir_io.orbax_path(directory)  # (local: absolute; gs://: as is)
         self.read_only = read_only
         if not read_only:
-            os.makedirs(self.directory, exist_ok=True)
+            workdir_io.makedirs(self.directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                             create=not read_only, read_only=read_only)
         self.mngr = ocp.CheckpointManager(self.directory, options=opts,
@@ -155,7 +154,7 @@ class Checkpointer:
                 f"({problem}); it is left untouched. Resume with the run config it was written with "
                 "(run_config.yaml), or use a new --workdir")
         items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-        has_sums = os.path.isdir(os.path.join(self.directory, str(s), "checksums"))
+        has_sums = workdir_io.isdir(workdir_io.join(self.directory, str(s), "checksums"))
         if has_sums:
             items["checksums"] = ocp.args.JsonRestore()
         r = self.mngr.restore(s, args=ocp.args.Composite(**items))
@@ -187,9 +186,9 @@ class Checkpointer:
 
     def _aside_path(self, s: int) -> str:
         """DIR/../unreadable/STEP, or STEP.1, STEP.2, ... : never an existing name."""
-        base = os.path.join(os.path.dirname(self.directory), "unreadable", str(s))
+        base = workdir_io.join(self.directory.rstrip("/").rsplit("/", 1)[0], "unreadable", str(s))
         dest, n = base, 0
-        while os.path.exists(dest):
+        while workdir_io.exists(dest):
             n += 1
             dest = f"{base}.{n}"
         return dest
@@ -198,8 +197,8 @@ class Checkpointer:
         if jax.process_index() == 0:
             for s in steps:
                 dest = self._aside_path(s)
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                shutil.move(os.path.join(self.directory, str(s)), dest)
+                workdir_io.makedirs(dest.rsplit("/", 1)[0])
+                workdir_io.move(workdir_io.join(self.directory, str(s)), dest)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

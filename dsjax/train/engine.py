@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 import warnings
@@ -31,6 +30,7 @@ from dsjax.train.metrics import MetricsLogger
 from dsjax.train.preemption import PreemptionWatch
 from dsjax.train.resume import check_workdir_config, resume_lines
 from dsjax.train.step import init_state, jit_step, make_step
+from dsjax.train import workdir_io
 from dsjax.train.workdir_lock import hold_workdir
 
 
@@ -161,7 +161,7 @@ def run(task: Task, workdir: str, params, *, stop_after: int | None = None, verb
     exactly where it stopped. `params` may be a function () -> params (built under the mesh)."""
     cfg = task.cfg
     start_runtime()
-    os.makedirs(workdir, exist_ok=True)
+    workdir_io.makedirs(workdir)
     with hold_workdir(workdir), PreemptionWatch() as preempt:
         notes = check_workdir_config(workdir, to_yaml(cfg), write=jax.process_index() == 0)
         if jax.process_index() == 0 and cfg.model.fp8:  # whether this backend runs V3's FP8 recipe natively
@@ -181,7 +181,7 @@ def _loop(task: Task, workdir: str, params, r: Run, stop_after, preempt, notes):
     params = params() if callable(params) else params
     # A copy on one device: the step donates its input buffers, which the caller's params may share.
     state = r.place_params(init_state(jax.tree.map(jnp.copy, params) if r.mesh is None else params, cfg))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
+    ckpt = Checkpointer(workdir_io.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                         async_save=cfg.async_checkpointing)
     start = 0
     restored = ckpt.restore(abstract_of(state))
@@ -236,6 +236,7 @@ def _loop(task: Task, workdir: str, params, r: Run, stop_after, preempt, notes):
                 bar.update(1)
             stop = step == stop_after or preempt.should_stop(step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
+                logger.flush()  # (an object store's metrics.jsonl: every row up to a checkpoint is kept)
                 ckpt.save(step, state, task.data_state(step))
             if stop:
                 break

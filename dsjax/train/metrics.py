@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 import warnings
 
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 
 from dsjax.errors import storage_error
 from dsjax.model.params import count_params
+from dsjax.train import workdir_io
 
 PEAKS = {"tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6": 918e12, "tpu v5 lite": 197e12, "tpu v4": 275e12,
          "h100": 989e12, "h200": 989e12, "a100": 312e12}
@@ -58,56 +58,60 @@ def trim_jsonl(path: str, resume_step: int) -> None:
     """Keep the rows of the JSONL log `path` up to `resume_step`: rows past it were written by an
     interrupted run and the resumed run writes them again. A torn row (a crash or a full disk
     mid-write, usually the last line) is dropped with a warning naming the file and line; the file is
-    rewritten atomically (temp file + rename), so a crash here loses nothing."""
+    rewritten atomically (workdir_io.write_atomic), so a crash here loses nothing."""
     keep, torn = [], []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-                step = row.get("step", 0) if isinstance(row, dict) else None
-            except ValueError:  # JSONDecodeError and UnicodeDecodeError
-                step = None
-            if step is None:
-                torn.append(n)
-            elif step <= resume_step:
-                keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
+    for n, raw in enumerate(workdir_io.read_bytes(path).splitlines(keepends=True), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            step = row.get("step", 0) if isinstance(row, dict) else None
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            step = None
+        if step is None:
+            torn.append(n)
+        elif step <= resume_step:
+            keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
     if torn:
         warnings.warn(f"{path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}; "
                       "a torn write from an interrupted run)")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    workdir_io.write_atomic(path, b"".join(keep))
 
 
 class MetricsLogger:
+    """metrics.jsonl (workdir_io.AppendLog: on an object store flushed every 30 s, on flush() and at
+    close) and TensorBoard event files (a local workdir, or gs:// where tensorboardX can write there)."""
+
     def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = workdir_io.join(workdir, "metrics.jsonl")
         self.tb = None
         if not enabled:
             return
-        if os.path.exists(self.path):
+        if workdir_io.exists(self.path):
             trim_jsonl(self.path, resume_step)
+        self.out = workdir_io.AppendLog(self.path)
+        self.tb_dir = workdir_io.join(workdir_io.local_path(workdir) or workdir, "tensorboard")
         try:
             from tensorboardX import SummaryWriter
-
+        except ImportError:
+            return
+        try:
             # purge_step: TensorBoard drops the earlier files' events from the resumed step on, as
             # trim_jsonl does for metrics.jsonl (an interrupted run's steps are logged again).
             # The suffix names the file by its first step (two runs in one second would share a name).
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), filename_suffix=f".from{resume_step + 1}",
+            self.tb = SummaryWriter(self.tb_dir, filename_suffix=f".from{resume_step + 1}",
                                     purge_step=resume_step + 1 if resume_step else None)
-        except ImportError:
-            self.tb = None
+        except Exception as e:  # noqa: BLE001 — an object store tensorboardX cannot write (gs:// needs google-cloud-storage)
+            if not workdir_io.is_url(self.tb_dir):
+                raise
+            warnings.warn(f"{self.tb_dir}: no TensorBoard events ({type(e).__name__}: {e}); metrics.jsonl has every row")
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
         try:  # a full disk shows at the close's flush, as an OSError naming no file
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            self.out.append(json.dumps(row) + "\n")
         except OSError as e:
             raise storage_error(e, self.path) or e
         if self.tb is not None:
@@ -115,9 +119,18 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, row["step"])
 
+    def flush(self) -> None:
+        """Everything logged so far is in metrics.jsonl (the trainer calls this before a checkpoint)."""
+        if self.enabled:
+            try:
+                self.out.flush()
+            except OSError as e:
+                raise storage_error(e, self.path) or e
+
     def close(self):
+        self.flush()
         if self.tb is not None:
             try:
                 self.tb.close()
             except OSError as e:
-                raise storage_error(e, os.path.join(os.path.dirname(self.path), "tensorboard")) or e
+                raise storage_error(e, self.tb_dir) or e

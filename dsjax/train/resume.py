@@ -20,11 +20,10 @@ a different config compares the two field by field; every field is in exactly on
 """
 from __future__ import annotations
 
-import os
-
 import yaml
 
 from dsjax.config import RUNTIME_ONLY, ConfigError
+from dsjax.train import workdir_io
 
 FREE = frozenset({"log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
                   "async_checkpointing", "nan_policy", "peak_flops", "progress", "ce_chunk",
@@ -82,20 +81,16 @@ def check_workdir_config(workdir: str, new_yaml: str, write: bool = True) -> lis
     """Compare WORKDIR/run_config.yaml with `new_yaml` (refusing FIXED changes), then record `new_yaml`
     there (if `write`: on a pod only process 0 writes). Returns the SCHEDULE changes [(field, old, new)]
     for the resume log line."""
-    path = os.path.join(workdir, "run_config.yaml")
+    path = workdir_io.join(workdir, "run_config.yaml")
     notes = []
-    if os.path.exists(path):
+    if workdir_io.exists(path):
         try:
-            with open(path) as f:
-                old = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
+            old = yaml.safe_load(workdir_io.read_text(path)) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise ConfigError(f"{path}: cannot read the workdir's run config: {e}") from None
         notes = check_resume(old, yaml.safe_load(new_yaml), path)
-    if not write:
-        return notes
-    with open(path + ".tmp", "w") as f:
-        f.write(new_yaml)
-    os.replace(path + ".tmp", path)
+    if write:
+        workdir_io.write_atomic(path, new_yaml)
     return notes
 
 

@@ -1,34 +1,40 @@
-"""One trainer per workdir: a lock file WORKDIR/.lock holding its holder's record.
+"""One trainer per workdir: a lock file WORKDIR/.lock holding its holder's record {host, pid, start,
+token} (token: random, so a holder recognises its own record).
 
-Local (and any POSIX-mounted) workdir: the lock is created with O_CREAT | O_EXCL, which exactly one
-process wins, and holds a JSON record {host, pid, start}. A second trainer finds it and stops with an
-error naming the holder. A lock left behind by a holder that died (kill -9, OOM, a crashed host is not
-detectable: see below) is stale when its host is this host and its pid no longer runs; it is taken over
-by renaming it to a name unique to the taker (rename is atomic, so of two takers only one gets it) and
-then creating a fresh lock with O_EXCL again. A lock held by another host is never broken automatically:
-the error names it and the file to delete once that host is known to be gone.
+The lock is created with workdir_io.create_exclusive, which exactly one process wins: O_CREAT | O_EXCL
+on a local (or POSIX-mounted, e.g. gcsfuse) workdir, GCS's create-only-if-absent precondition
+(ifGenerationMatch=0, through gcsfs) on gs://. A second trainer finds the record and stops with an
+error naming the holder. The winner reads its record back and checks the token (a store without a
+server-side precondition, such as fsspec's file://, only checks then writes: the read-back catches most
+such races, not all).
 
-gs:// workdir: the same record is written as the object WORKDIR/.lock with the precondition
-`if_generation_match=0` (create only if absent) when google-cloud-storage is importable; a second
-trainer's create fails with 412 and reads the holder from the object. Without that client a gs://
-workdir is not locked, and a warning says so. (Untested here: no bucket is reachable from CI. The trainer
-also writes run_config.yaml and metrics.jsonl with local file calls today, so a gs:// workdir needs those
-as object writes too before it runs; a gcsfuse-mounted bucket is a local path and takes the local lock.)
+A lock left behind by a holder that died (kill -9, OOM) is stale when its host is this host and its pid
+no longer runs (a crashed other host is not detectable: see below); it is taken over by moving it to a
+name unique to the taker and creating a fresh lock again. Locally the move is an atomic rename, so of two
+takers only one gets it. On an object store a move is copy + delete, so the takeover is best effort:
+two trainers started on the same host in the same instant after a crash could both take it over. A lock
+held by another host is never broken automatically: the error names it and the file to delete once that
+host is known to be gone.
 
 On a pod only process 0 takes the lock (all hosts of one run share the workdir); the others learn its
 verdict from a broadcast (hold_workdir). A dead holder's pid reused by a new process errs on the safe
 side: the lock is kept and the error names that pid.
+
+Tested on local directories and through the URL path with fsspec's in-memory file system (the code
+gs:// runs through), not against a real bucket.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import socket
 import time
 import warnings
 
 from dsjax.config import ConfigError
+from dsjax.train import workdir_io
 
 LOCK_NAME = ".lock"
 
@@ -38,7 +44,8 @@ class WorkdirLockedError(ConfigError):
 
 
 def _record() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "token": secrets.token_hex(8)}
 
 
 def _describe(path: str, rec: dict | None) -> str:
@@ -63,8 +70,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _read(path: str) -> dict | None:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(workdir_io.read_bytes(path))
     except (OSError, ValueError):
         return None
 
@@ -74,10 +80,9 @@ class WorkdirLock:
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.workdir = workdir
-        self.path = workdir.rstrip("/") + "/" + LOCK_NAME if workdir.startswith("gs://") else os.path.join(workdir, LOCK_NAME)
+        self.path = workdir_io.join(workdir, LOCK_NAME)
         self.enabled = enabled
-        self._held = False
-        self._gcs_blob = None
+        self._token = None
 
     def __enter__(self):
         self.acquire()
@@ -89,41 +94,33 @@ class WorkdirLock:
     def acquire(self) -> None:
         if not self.enabled:
             return
-        if self.workdir.startswith("gs://"):
-            self._acquire_gcs()
-        else:
-            self._acquire_local()
-
-    def _acquire_local(self) -> None:
         rec = _record()
         for _ in range(3):  # a stale lock is taken over at most once or twice (another taker may race us)
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            if workdir_io.create_exclusive(self.path, json.dumps(rec)):
+                mine = _read(self.path)
+                if mine is None or mine.get("token") != rec["token"]:  # lost a race on a store without O_EXCL
+                    raise WorkdirLockedError(_describe(self.path, mine))
+                self._token = rec["token"]
+                return
+            holder = _read(self.path)
+            if holder is None:
+                time.sleep(0.2)  # the holder may be between create and write: read it again
                 holder = _read(self.path)
-                if holder is None:
-                    time.sleep(0.2)  # the holder may be between create and write: read it again
-                    holder = _read(self.path)
-                if not self._stale(holder):
-                    raise WorkdirLockedError(_describe(self.path, holder)) from None
-                # Stale: rename it away (atomic: of two takers exactly one succeeds), then create again.
-                aside = f"{self.path}.stale.{rec['host']}.{rec['pid']}"
-                try:
-                    os.rename(self.path, aside)
-                except FileNotFoundError:
-                    continue  # someone else took it over first; compete for the fresh lock
-                taken = _read(aside)
-                if taken != holder:  # we moved a lock made after our check: a live holder; give it back
-                    os.rename(aside, self.path)
-                    raise WorkdirLockedError(_describe(self.path, taken)) from None
-                os.remove(aside)
-                warnings.warn(f"{self.path}: took over a stale lock of host {holder.get('host')} pid "
-                              f"{holder.get('pid')} (that process no longer runs)")
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(rec, f)
-            self._held = True
-            return
+            if not self._stale(holder):
+                raise WorkdirLockedError(_describe(self.path, holder))
+            # Stale: move it away (locally atomic: of two takers exactly one succeeds), then create again.
+            aside = f"{self.path}.stale.{rec['host']}.{rec['pid']}"
+            try:
+                workdir_io.move(self.path, aside)
+            except FileNotFoundError:
+                continue  # someone else took it over first; compete for the fresh lock
+            taken = _read(aside)
+            if taken != holder:  # we moved a lock made after our check: a live holder; give it back
+                workdir_io.move(aside, self.path)
+                raise WorkdirLockedError(_describe(self.path, taken))
+            workdir_io.remove(aside)
+            warnings.warn(f"{self.path}: took over a stale lock of host {holder.get('host')} pid "
+                          f"{holder.get('pid')} (that process no longer runs)")
         raise WorkdirLockedError(_describe(self.path, _read(self.path)))
 
     @staticmethod
@@ -133,37 +130,14 @@ class WorkdirLock:
         pid = holder.get("pid")
         return isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid)
 
-    def _acquire_gcs(self) -> None:
-        try:
-            from google.api_core import exceptions as gexc
-            from google.cloud import storage
-        except ImportError:
-            warnings.warn(f"{self.workdir}: google-cloud-storage is not installed, so this gs:// workdir is not "
-                          "locked: make sure no other trainer uses it")
-            return
-        bucket, _, name = self.path[len("gs://"):].partition("/")
-        blob = storage.Client().bucket(bucket).blob(name)
-        try:
-            blob.upload_from_string(json.dumps(_record()), if_generation_match=0)
-        except gexc.PreconditionFailed:
-            try:
-                holder = json.loads(blob.download_as_text())
-            except Exception:  # noqa: BLE001 — the record is informative only
-                holder = None
-            raise WorkdirLockedError(_describe(self.path, holder)) from None
-        self._gcs_blob = blob
-        self._held = True
-
     def release(self) -> None:
-        if not self._held:
+        """Delete the lock if it is still this holder's record."""
+        if self._token is None:
             return
-        self._held = False
-        if self._gcs_blob is not None:
-            self._gcs_blob.delete()
-            return
+        token, self._token = self._token, None
         try:
-            if (_read(self.path) or {}).get("pid") == os.getpid():
-                os.remove(self.path)
+            if (_read(self.path) or {}).get("token") == token:
+                workdir_io.remove(self.path)
         except OSError:
             pass
 
