@@ -83,7 +83,11 @@ def dot_attention(q, k, v, segment_ids, scale: float, block_q: int | None = None
     for i in range(0, sq, block_q):
         e = min(i + block_q, sq)
         seg = None if segment_ids is None else (segment_ids[:, i:e], segment_ids[:, :e])
-        outs.append(_attend(q[:, :, i:e], k[:, :, :e], v[:, :, :e], _block_mask(i, e, seg)))
+        qi = q[:, :, i:e]
+        if outs:  # block i starts after block i-1 ends (and, transposed, its backward before i-1's):
+            # otherwise XLA may schedule every block's scores at once (TPU: 17 GiB per layer at 4 x 4096).
+            _, qi = jax.lax.optimization_barrier((outs[-1], qi))
+        outs.append(_attend(qi, k[:, :, :e], v[:, :, :e], _block_mask(i, e, seg)))
     return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
 
 
