@@ -68,12 +68,19 @@ def routed_experts_ep(p: dict, x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray,
         raise ValueError(f"expert parallelism: {t} tokens cannot be split over the expert axis ({n}); "
                          f"make batch*seq divisible by the batch mesh axes")
     tok = P(axes)
-    wspec = P(EXPERT_AXIS)
-    body = functools.partial(_local, cfg=cfg, n=n, axes=axes)
+    p = dict(p)  # (a Flax FrozenDict inside the model)
+    split = {k: _weight_split(mesh, a.shape, _HIDDEN_DIM[k]) for k, a in p.items()}
+    wspecs = {k: P(EXPERT_AXIS, *(split[k].get(i) for i in (1, 2))) for k in p}  # [E, in, out]
+
+    def body(p, x, w, idx):
+        p = {k: gather_weight(a, split[k], jnp.dtype(x.dtype)) for k, a in p.items()}
+        return _local(p, x, w, idx, cfg=cfg, n=n, axes=axes)
+
     # Pallas calls carry no varying-axes type: shard_map's check has to be off around them.
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(jax.tree.map(lambda _: wspec, p), tok, tok, tok), out_specs=tok,
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(wspecs, tok, tok, tok), out_specs=tok,
                        check_vma=cfg.moe_impl != "pallas")
     return fn(p, x, w, idx)
+
 
 
 def _local(p, x, w, idx, *, cfg: ModelConfig, n: int, axes: tuple[str, ...] = ()):
@@ -161,3 +168,31 @@ def _like(x, shape):
     z = jnp.zeros(shape, x.dtype)
     vma = tuple(sorted(varying_axes(x)))
     return jax.lax.pcast(z, vma, to="varying") if vma else z
+
+
+# Which dimension of each stacked expert weight is the hidden one (split over "fsdp" by the rules'
+# expert_embed). Only "fsdp", a token axis, is gathered inside: the gradient's sum over it is the
+# reduce-scatter. The MLP dimension's "tensor" split is gathered by the shard_map's entry, whose
+# transpose over an axis the tokens do not vary on is a slice, no sum.
+_HIDDEN_DIM = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}
+_FSDP_AXES = ("fsdp",)
+
+
+def _weight_split(mesh, shape, hidden: int) -> dict[int, tuple[str, ...]]:
+    """{dimension: mesh axes} an expert weight [E, ., .] stays split over inside the shard_map: its
+    hidden dimension over "fsdp" where that divides it, as the parameter is stored
+    (dsjax.parallel.mesh.RULES), so that entering costs no resharding."""
+    sizes = dict(mesh.shape)
+    picked = tuple(a for a in _FSDP_AXES if sizes.get(a, 1) > 1 and shape[hidden] % sizes[a] == 0)
+    return {hidden: picked} if picked else {}
+
+
+def gather_weight(a, split: dict[int, tuple[str, ...]], dtype):
+    """This device's experts' whole weight from its shard, all-gathered over the axes in `split`, then
+    cast to the compute dtype. Gathered here, not by the shard_map's entry, so that the gradient comes
+    back reduce-scattered: the entry's transpose is an all-reduce of the whole gradient over the same
+    axes, sliced afterwards (twice the bytes, and the whole gradient on every device). Gathered in the
+    parameter's dtype, so the gradient is summed in it (float32) too."""
+    for dim, names in sorted(split.items()):
+        a = jax.lax.all_gather(a, names, axis=dim, tiled=True)
+    return a.astype(dtype)
