@@ -130,7 +130,7 @@ def main():
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
-    ax.set_title(f"FP8 (1x128 / 128x128 E4M3 scales, dashed) vs BF16: mean eval ratio {mean:.4f}")
+    ax.set_title(f"FP8 (dashed) vs BF16, {len(seeds)} seed(s): mean eval ratio {mean:.4f}", fontsize=10)
     if len(seeds) <= 4:
         ax.legend()
     fig.tight_layout()
