@@ -132,7 +132,9 @@ def _attend_fwd(q, k, v, mask):
 
 
 def _attend_bwd(res, do):
-    q, k, v, mask, o, lse = res
+    # The barrier keeps XLA from merging this recomputation with the forward pass's identical one
+    # (common-subexpression elimination), which would keep the forward's scores alive until here.
+    q, k, v, mask, o, lse = jax.lax.optimization_barrier(res)
     p = jnp.exp(_scores(q, k, mask) - lse)  # the normalised probabilities P; 0 where masked
     dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), do.astype(v.dtype))
     dp = jnp.einsum("bhqd,bhkd->bhqk", do.astype(v.dtype), v, preferred_element_type=_F32)
