@@ -79,6 +79,7 @@ def test_grpo_smoke_run_logs_curves_and_resumes(tmp_path):
     assert os.path.isdir(os.path.join(wd, "final"))
 
 
+@pytest.mark.slow  # 110-210 s: the suite's longest test (CI keeps test_grpo_smoke_run_logs_curves_and_resumes)
 def test_short_grpo_run_raises_mean_reward_on_toy_task(tmp_path):
     """Four toy problems of one operation. A brief SFT teaches the answer format and, for each problem,
     the right solution once for every three lazy ones (the start value, the operation skipped); GRPO with
