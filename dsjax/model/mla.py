@@ -133,10 +133,8 @@ def _attend_fwd(q, k, v, mask):
 
 def _attend_bwd(res, do):
     # The barrier keeps XLA from merging this recomputation with the forward pass's identical one
-    # (common-subexpression elimination), which would keep the forward's scores alive until here, and
-    # with do in it the scores are recomputed only once this block's backward can run (do depends on
-    # the next block's backward through dot_attention's chain), not every block's at once.
-    q, k, v, mask, o, lse, do = jax.lax.optimization_barrier((*res, do))
+    # (common-subexpression elimination), which would keep the forward's scores alive until here.
+    q, k, v, mask, o, lse = jax.lax.optimization_barrier(res)
     p = jnp.exp(_scores(q, k, mask) - lse)  # the normalised probabilities P; 0 where masked
     dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), do.astype(v.dtype))
     dp = jnp.einsum("bhqd,bhkd->bhqk", do.astype(v.dtype), v, preferred_element_type=_F32)
