@@ -2,9 +2,9 @@
 `[bos] + encode(doc) + [eos]` per document, computed in the test from the documents it wrote."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -223,20 +223,34 @@ def test_arrayrecord_source_text_and_json_records(tmp_path):
         list(iterate_documents(DataConfig(source="arrayrecord", paths=(str(empty),))))
 
 
-def test_tfds_source_wiring_with_a_stub_module(monkeypatch):
-    """A stub stands in for tensorflow_datasets (not installed here): checks names, splits, fields."""
-    calls = []
+def test_tfds_source_reads_a_real_tfds_dataset(tmp_path, monkeypatch):
+    """A real tensorflow-datasets dataset, built here (a GeneratorBasedBuilder writing array_record files,
+    no TensorFlow), read back through data.source=tfds: names, splits, the text field; then the error
+    without the package."""
+    tfds = pytest.importorskip("tensorflow_datasets")
 
-    def data_source(name, split, data_dir=None):
-        calls.append((name, split, data_dir))
-        return [{"content": f"{split} example {i}".encode()} for i in range(3)]
+    class DsjaxTinyText(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
 
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(data_source=data_source))
-    cfg = DataConfig(source="tfds", tfds_name="tiny", tfds_data_dir="/d", text_field="content",
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"content": tfds.features.Text(), "n": tfds.features.Scalar(np.int64)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples("train", 5), "validation": self._generate_examples("validation", 3)}
+
+        def _generate_examples(self, split, n):
+            for i in range(n):
+                yield i, {"content": f"{split} example {i}", "n": i}
+
+    DsjaxTinyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    cfg = DataConfig(source="tfds", tfds_name="dsjax_tiny_text", tfds_data_dir=str(tmp_path), text_field="content",
                      tfds_eval_split="validation")
-    assert list(iterate_documents(cfg, "eval")) == [f"validation example {i}" for i in range(3)]
+    assert sorted(iterate_documents(cfg, "eval")) == [f"validation example {i}" for i in range(3)]
+    assert sorted(iterate_documents(cfg, "train")) == [f"train example {i}" for i in range(5)]
     assert next(_ds(cfg))["tokens"].shape == (2, 16)
-    assert calls[0] == ("tiny", "validation", "/d") and calls[-1] == ("tiny", "train", "/d")
+    with pytest.raises(DataError, match="has no field 'text'"):
+        list(iterate_documents(dataclasses.replace(cfg, text_field="text")))
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(DataError, match="tensorflow-datasets"):
         list(iterate_documents(cfg))
