@@ -73,19 +73,25 @@ def from_pretrained(path: str, *, param_dtype: str | None = None, overrides=(), 
     """Load an HF-layout (or official FP8) safetensors checkpoint directory, a dsjax native checkpoint, or
     a workdir: a `dsjax train` workdir gives its latest restorable checkpoint's params, a post-training
     workdir (`dsjax sft/grpo/distill`) its final model (WORKDIR/final). Read-only: nothing in `path` is
-    written. An HF tensor holding NaN/Inf is refused naming it, unless allow_nonfinite."""
+    written. An HF tensor holding NaN/Inf is refused naming it, unless allow_nonfinite. Workdirs and
+    native checkpoints may be URLs (gs://bucket/run, as a pod run writes them); HF checkpoints are read
+    from a local directory."""
     from dsjax.checkpoint import native
     from dsjax.checkpoint.hf_io import load_hf
+    from dsjax.train import workdir_io
 
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not workdir_io.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory")
-    if native.is_native(os.path.join(path, "final")):
-        path = os.path.join(path, "final")
+    if native.is_native(workdir_io.join(path, "final")):
+        path = workdir_io.join(path, "final")
     if native.is_native(path):
         params, cfg = native.load(path)
     elif is_train_workdir(path):
-        params, cfg = _load_train_workdir(path)
+        params, cfg = load_train_workdir(path)
+    elif workdir_io.is_url(path):
+        raise FileNotFoundError(f"{path}: neither a dsjax workdir nor a native checkpoint (an HF safetensors "
+                                "checkpoint is read from a local directory: copy it there first)")
     else:
         params, cfg = load_hf(path, param_dtype=param_dtype, allow_nonfinite=allow_nonfinite)
     if overrides:
@@ -94,10 +100,14 @@ def from_pretrained(path: str, *, param_dtype: str | None = None, overrides=(), 
 
 
 def is_train_workdir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(os.path.join(path, "run_config.yaml"))
+    """A workdir that `dsjax train` (or any task's engine) wrote: run_config.yaml and checkpoints/."""
+    from dsjax.train import workdir_io
+
+    return (workdir_io.isdir(workdir_io.join(path, "checkpoints"))
+            and workdir_io.exists(workdir_io.join(path, "run_config.yaml")))
 
 
-def _load_train_workdir(path: str, step: int | None = None):
+def load_train_workdir(path: str, step: int | None = None):
     """(params, model config) of a `dsjax train` workdir's checkpoint `step` (default: the latest
     restorable one: an unreadable or corrupt newer one is skipped with a warning). Read-only: nothing
     in the workdir is written, moved or deleted."""
@@ -105,8 +115,10 @@ def _load_train_workdir(path: str, step: int | None = None):
     from dsjax.train.config import load_train_config
     from dsjax.train.step import init_state
 
-    tcfg = load_train_config(os.path.join(path, "run_config.yaml"))
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), keep=10 ** 6, async_save=False, read_only=True)
+    from dsjax.train import workdir_io
+
+    tcfg = load_train_config(workdir_io.join(path, "run_config.yaml"))
+    ckpt = Checkpointer(workdir_io.join(path, "checkpoints"), keep=10 ** 6, async_save=False, read_only=True)
     try:
         if not ckpt.steps():
             raise FileNotFoundError(f"{path}/checkpoints: no checkpoint")

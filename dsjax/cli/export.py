@@ -8,14 +8,14 @@ from dsjax.errors import StorageError
 
 
 def run(args) -> int:
-    from dsjax.api import _load_train_workdir, is_train_workdir
+    from dsjax.api import load_train_workdir, is_train_workdir
     from dsjax.checkpoint.hf_io import save_hf
 
     if not is_train_workdir(args.workdir):
         raise FileNotFoundError(f"{args.workdir}: not a dsjax training workdir (no run_config.yaml and checkpoints/)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):  # before the (long) load, not after
         raise StorageError(errno.EEXIST, f"{args.out}: cannot write: exists and is a file, not a directory")
-    params, cfg = _load_train_workdir(args.workdir, args.step)
+    params, cfg = load_train_workdir(args.workdir, args.step)
     save_hf(params, cfg, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype)
     step = args.step if args.step is not None else "latest"
     print(f"exported step {step} of {args.workdir} to {args.out}")

@@ -2,7 +2,6 @@
 (read only: nothing is written)."""
 from __future__ import annotations
 
-import os
 
 from dsjax.config import ModelConfig, load_config
 
@@ -37,11 +36,15 @@ def summary(cfg: ModelConfig) -> str:
 
 
 def run(args) -> int:
+    from dsjax.checkpoint import native
+    from dsjax.train import workdir_io
+
     path = args.path
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dsjax_native.yaml")):
-        cfg = load_config(os.path.join(path, "dsjax_native.yaml"))
-    elif os.path.isdir(path) and os.path.exists(os.path.join(path, "run_config.yaml")):
-        cfg = load_config(os.path.join(path, "run_config.yaml"))  # a training workdir: its model section
+    # a native checkpoint, a post-training workdir (its final model), a training workdir (local or gs://)
+    for parts in ((native.MARKER,), ("final", native.MARKER), ("run_config.yaml",)):
+        if workdir_io.exists(workdir_io.join(path, *parts)):
+            cfg = native.model_config_at(workdir_io.join(path, *parts))
+            break
     else:
         cfg = load_config(path)
     print(summary(cfg))

@@ -28,7 +28,7 @@ from dsjax.rl.rollout import (PROMPT_STYLES, decode_completions, encode_prompt, 
                               sample_completions)
 from dsjax.rl.sft import FINAL_DIR, load_policy
 from dsjax.rl.toy_task import check_max_value, make_problems
-from dsjax.train import engine
+from dsjax.train import engine, workdir_io
 from dsjax.train.config import RunConfig
 
 
@@ -304,9 +304,9 @@ def train_grpo(gcfg: GRPOConfig, workdir: str, *, model=None, ref_model=None, pr
     task = GRPOTask(gcfg, problems, eval_problems, tok, ref.params, verbose)
     state, rows = engine.run(task, workdir, policy.params, verbose=verbose)
     final = Model(state.params, gcfg.model)
-    native.save(final.params, gcfg.model, os.path.join(workdir, FINAL_DIR))
+    native.save(final.params, gcfg.model, workdir_io.join(workdir, FINAL_DIR))
     if gcfg.plot:
         from dsjax.rl.plot import plot_grpo
 
-        plot_grpo(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "grpo.png"))
+        plot_grpo(workdir_io.join(workdir, "metrics.jsonl"), workdir_io.join(workdir, "grpo.png"))
     return final, rows

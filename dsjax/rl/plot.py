@@ -3,13 +3,25 @@ step) from its metrics.jsonl, as one PNG. Needs matplotlib (imported here only);
 written (a warning says so) and the curves stay in metrics.jsonl."""
 from __future__ import annotations
 
+import io
 import json
 import warnings
 
+from dsjax.train import workdir_io
+
 
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics.jsonl (a local path or a URL), a torn last line skipped."""
+    lines = [line for line in workdir_io.read_text(path).splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines) - 1:
+                raise ValueError(f"{path}: line {n + 1} is not JSON") from None
+            # else a torn last line (a crash mid-write; the trainer trims it on resume)
+    return rows
 
 
 def plot_grpo(metrics_path: str, out_png: str) -> str | None:
@@ -53,6 +65,8 @@ def plot_grpo(metrics_path: str, out_png: str) -> str | None:
     ax.set_title("KL to reference and clip fraction")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    workdir_io.write_atomic(out_png, buf.getvalue())  # (a gs:// workdir too)
     return out_png

@@ -33,7 +33,7 @@ from dsjax.infer.chat import THINK_CLOSE, markers_for
 from dsjax.model.mtp import shifted
 from dsjax.model.transformer import forward
 from dsjax.rl.toy_task import check_max_value, toy_chat_examples
-from dsjax.train import engine
+from dsjax.train import engine, workdir_io
 from dsjax.train.config import RunConfig, load_run_config
 
 FINAL_DIR = "final"  # a post-training workdir's final model (native checkpoint), what load_policy picks up
@@ -85,40 +85,15 @@ def load_policy(init: str, model_cfg: ModelConfig | None = None, seed: int = 0):
     """A `dsjax.Model` from "random" (model_cfg, seed), an HF / native checkpoint directory, a workdir of
     `dsjax sft/grpo/distill` (its final model), or a `dsjax train` workdir (its latest checkpoint)."""
     import dsjax
-    from dsjax.checkpoint import native
 
     if init in (None, "", "random"):
         if model_cfg is None:
             raise ConfigError("init=random needs a model config")
         return dsjax.init(model_cfg, seed)
     path = os.fspath(init)
-    if not os.path.isdir(path):
+    if not workdir_io.isdir(path):
         raise FileNotFoundError(f"init: {path} is not a checkpoint directory or workdir")
-    if native.is_native(os.path.join(path, FINAL_DIR)):
-        return dsjax.from_pretrained(os.path.join(path, FINAL_DIR))
-    if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(os.path.join(path, "run_config.yaml")):
-        return _from_train_workdir(path)
-    return dsjax.from_pretrained(path)
-
-
-def _from_train_workdir(path: str):
-    """The params of the latest checkpoint of a `dsjax train` workdir."""
-    from dsjax.api import Model
-    from dsjax.model.params import init_params
-    from dsjax.train.checkpointing import Checkpointer, abstract_of
-    from dsjax.train.config import load_train_config
-    from dsjax.train.step import init_state
-
-    tcfg = load_train_config(os.path.join(path, "run_config.yaml"))
-    abstract = jax.eval_shape(lambda: init_state(init_params(tcfg.model, 0), tcfg))
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), keep=10 ** 6, async_save=False, read_only=True)
-    try:
-        restored = ckpt.restore(abstract_of(abstract))
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"{path}/checkpoints: no restorable checkpoint")
-    return Model(restored[1].params, tcfg.model)
+    return dsjax.from_pretrained(path)  # (a post-training workdir's final model, a train workdir's latest, ...)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,5 +351,5 @@ def sft(scfg: SFTConfig, workdir: str, *, examples: Sequence[Sequence[Mapping[st
     state, rows = engine.run(SFTTask(scfg, data), workdir, model.params, verbose=verbose,
                              batch_size=scfg.batch_size // scfg.grad_accum)
     final = Model(state.params, cfg)
-    native.save(final.params, cfg, os.path.join(workdir, FINAL_DIR))
+    native.save(final.params, cfg, workdir_io.join(workdir, FINAL_DIR))
     return final, rows

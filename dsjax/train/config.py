@@ -271,13 +271,15 @@ def _build(cls, d: Mapping[str, Any], overrides: Sequence[str], base_dir: str, w
 
 
 def _read_yaml(path: str) -> dict:
-    if not os.path.exists(path):
+    """A YAML mapping from a local path or a URL (a gs:// workdir's run_config.yaml)."""
+    from dsjax.train import workdir_io
+
+    if not workdir_io.exists(path):
         raise ConfigError(f"{path}: no such config file")
-    with open(path) as f:
-        try:
-            d = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    try:
+        d = yaml.safe_load(workdir_io.read_text(path)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return d
@@ -290,7 +292,7 @@ def load_run_config(cls, path: str | None, overrides: Sequence[str] = (), *, raw
     base_dir = os.getcwd()
     if path is not None:
         d = _read_yaml(path)
-        base_dir = os.path.dirname(os.path.abspath(path))
+        base_dir = path.rsplit("/", 1)[0] if "://" in path else os.path.dirname(os.path.abspath(path))
         if cls is TrainConfig and "train" not in d and "model" not in d and "vocab_size" in d:
             d = {"model": os.path.abspath(path)}  # a bare model config: train it with default settings
     if "train" in d and "train" not in {f.name for f in dataclasses.fields(cls)}:

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from dsjax.api import _load_train_workdir
+from dsjax.api import load_train_workdir
 from tests.train.cli_util import run_cli, train_cmd, env
 
 
@@ -47,7 +47,7 @@ def test_disk_full_then_read_only_then_out_is_a_file(small_disk, tmp_path):
     steps = sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit())
     assert steps and steps[-1] < 8
     for s in steps:  # every committed checkpoint restores and passes its checksums
-        _load_train_workdir(str(wd), step=s)
+        load_train_workdir(str(wd), step=s)
 
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     r = subprocess.run(train_cmd(wd, "steps=8", "checkpoint_every=1", "keep_checkpoints=100"), capture_output=True,

@@ -10,9 +10,15 @@ import subprocess
 import sys
 import uuid
 
+import numpy as np
 import pytest
 
+import dsjax
+from dsjax.checkpoint import native
+from dsjax.cli import main as cli
 from dsjax.config import ConfigError
+from dsjax.rl.plot import plot_grpo
+from dsjax.rl.sft import load_policy
 from dsjax.train import workdir_io as io
 from dsjax.train.config import load_train_config
 from dsjax.train.metrics import trim_jsonl
@@ -128,3 +134,50 @@ def test_training_on_a_url_workdir_stops_and_resumes(tmp_path):
     after = losses(tmp_path / "url")
     assert sorted(after) == [1, 2, 3] and after[1] == first[1] and after[2] == first[2] and 0.0 < after[3] < first[1]
     assert not io.exists(io.join(url, ".lock"))
+    _read_only_commands_on_a_url_workdir(url, tmp_path)
+
+
+def _files(root):
+    """{relative path: (size, mtime_ns)} of every file under root."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            st = os.stat(os.path.join(d, n))
+            out[os.path.relpath(os.path.join(d, n), root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _same_params(a, b):
+    import jax
+
+    la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (p, x), (_, y) in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(p))
+
+
+def _read_only_commands_on_a_url_workdir(url, tmp_path):
+    """from_pretrained, info and export read a URL workdir as they read the local one, writing nothing in
+    it; a post-training run's final model (WORKDIR/final) is saved to and loaded from a URL."""
+    local = url[len("file://"):]
+    before = _files(local)
+    model = dsjax.from_pretrained(url)
+    _same_params(model.params, dsjax.from_pretrained(local).params)
+    assert cli(["info", url]) == 0
+    assert cli(["export", "--workdir", url, "--out", str(tmp_path / "hf")]) == 0
+    _same_params(dsjax.from_pretrained(str(tmp_path / "hf")).params, model.params)
+    assert _files(local) == before  # nothing written, moved or touched
+    post = "file://" + str(tmp_path / "post")
+    native.save(model.params, model.config, io.join(post, "final"))
+    assert native.is_native(io.join(post, "final")) and not native.is_native(post)
+    _same_params(load_policy(post).params, model.params)
+    assert load_policy(post).config == model.config
+
+
+def test_grpo_plot_reads_and_writes_urls(mem):
+    pytest.importorskip("matplotlib")
+    rows = [{"step": s, "reward": 0.1 * s, "accuracy": 0.05 * s, "response_length": 10 + s, "kl": 0.01 * s}
+            for s in range(1, 6)]
+    io.write_atomic(io.join(mem, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "re')
+    assert plot_grpo(io.join(mem, "metrics.jsonl"), io.join(mem, "grpo.png")) == io.join(mem, "grpo.png")
+    assert io.read_bytes(io.join(mem, "grpo.png")).startswith(b"\x89PNG")
