@@ -227,8 +227,6 @@ def _validate(c: ModelConfig) -> None:
          "FP8 has no Pallas grouped-matmul kernel yet; use moe_impl blocked or ragged_dot with fp8=true")
     need(c.fp8_impl in ("auto", "emulated", "native"), "fp8_impl", f"must be auto, emulated or native; got {c.fp8_impl!r}")
     need(c.ep_capacity_factor >= 0, "ep_capacity_factor", f"must be >= 0 (0: worst-case buffer), got {c.ep_capacity_factor}")
-    need(not (c.fp8 and c.ep_capacity_factor > 0), "ep_capacity_factor",
-         "the capacity-buffer dispatch does not send FP8 rows yet; use ep_capacity_factor=0 with fp8=true")
     need(isinstance(c.scan_unroll, int) and c.scan_unroll >= 1, "scan_unroll", f"must be an integer >= 1, got {c.scan_unroll!r}")
     need(c.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {c.rms_norm_eps}")
     rs = c.rope_scaling

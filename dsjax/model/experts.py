@@ -49,10 +49,11 @@ def sorted_rows(x, order, inv, k: int):
     return _take_rows(x, order // k, inv.reshape(-1, k), False)
 
 
-def combine(y_sorted, order, w, t: int, k: int):
-    """Undo the sort and add each token's K expert outputs, weighted. y_sorted [T*K, hidden]. The
-    unsort is a gather through the inverse permutation (not a scatter, for the reason in sorted_rows)."""
-    y = _take_rows(y_sorted, inverse_permutation(order), order[:, None], False).reshape(t, k, -1)
+def combine(y_sorted, order, inv, w, t: int, k: int):
+    """Undo the sort and add each token's K expert outputs, weighted. y_sorted [T*K, hidden]; inv the
+    inverse of `order` (as sorted_rows takes it). The unsort is a gather through inv (not a scatter, for
+    the reason in sorted_rows)."""
+    y = _take_rows(y_sorted, inv, order[:, None], False).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y, w.astype(y.dtype))
 
 
@@ -74,12 +75,13 @@ def _experts_grouped(p, x, w, idx, num_experts: int, matmul):
     """Sort tokens by expert, run a grouped matmul `matmul(lhs, rhs, group_sizes)`, combine."""
     t, k = idx.shape
     order, _, group_sizes = sort_by_expert(idx, num_experts)
-    xs = sorted_rows(x, order, inverse_permutation(order), k)  # [T*K, hidden] grouped by expert
+    inv = inverse_permutation(order)
+    xs = sorted_rows(x, order, inv, k)  # [T*K, hidden] grouped by expert
     dt = x.dtype
     g = matmul(xs, p["gate_proj"].astype(dt), group_sizes)
     u = matmul(xs, p["up_proj"].astype(dt), group_sizes)
     y = matmul(jax.nn.silu(g) * u, p["down_proj"].astype(dt), group_sizes)
-    return combine(y, order, w, t, k)
+    return combine(y, order, inv, w, t, k)
 
 
 def _ragged(lhs, rhs, group_sizes):

@@ -257,34 +257,32 @@ ragged_matmul.defvjp(_ragged_fwd, _ragged_bwd)
 
 # --- FP8 rows over the network (the MoE dispatch) ----------------------------------------------------
 
-def send_rows(x: jnp.ndarray, move) -> jnp.ndarray:
-    """move(x), a linear movement of rows (an all-to-all), with x [..., d] travelling as E4M3 plus its
-    float32 1x128 tile scales (about half of BF16's bytes) and arriving dequantized in x's dtype: V3's
-    FP8 dispatch. The cotangent goes back through move's transpose in its own dtype (the BF16 combine).
-    The experts quantize the rows again with the same tiles, which gives back the same E4M3 values."""
-    fn, consts = jax.closure_convert(move, x)
-    return _send(x, fn, *consts)
+def send_rows(x: jnp.ndarray, move, *operands) -> jnp.ndarray:
+    """move(x, *operands), a linear movement of rows (an all-to-all), with x [..., d] travelling as E4M3
+    plus its float32 1x128 tile scales (about half of BF16's bytes) and arriving dequantized in x's dtype:
+    V3's FP8 dispatch. The cotangent goes back through move's transpose in its own dtype (the BF16
+    combine). The experts quantize the rows again with the same tiles, which gives back the same E4M3
+    values. `move` must close over no traced value (a custom VJP cannot capture one): pass the routing
+    (offsets, sizes) as operands, integer arrays that get no gradient."""
+    return _send(x, move, *operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _send(x, fn, *consts):
-    t = tiles_along(x.ndim, -1)
-    q, s = quantize(x, t)
-    got_q, got_s = fn(q, *consts), fn(s, *consts)
+def _send(x, move, *operands):
+    q, s = quantize(x, tiles_along(x.ndim, -1))
+    got_q, got_s = move(q, *operands), move(s, *operands)
     return dequantize(got_q, got_s, tiles_along(got_q.ndim, -1), x.dtype)
 
 
-def _send_fwd(x, fn, *consts):
-    return _send(x, fn, *consts), (consts, x[..., :0])  # no bytes: x's rows, dtype and mesh-axis type
+def _send_fwd(x, move, *operands):
+    return _send(x, move, *operands), (operands, x[..., :0])  # no bytes: x's rows, dtype and mesh-axis type
 
 
-def _send_bwd(fn, res, ct):
-    consts, like = res
+def _send_bwd(move, res, ct):
+    operands, like = res
     zero = jnp.pad(like, [(0, 0)] * (like.ndim - 1) + [(0, ct.shape[-1])])  # zeros typed like x
-    (dx,) = jax.vjp(lambda a: fn(a, *consts), zero)[1](ct.astype(like.dtype))
-    zeros = tuple(np.zeros(c.shape, jax.dtypes.float0) if not jnp.issubdtype(c.dtype, jnp.inexact)
-                  else jnp.zeros_like(c) for c in consts)
-    return (dx, *zeros)
+    (dx,) = jax.vjp(lambda a: move(a, *operands), zero)[1](ct.astype(like.dtype))
+    return (dx, *(np.zeros(o.shape, jax.dtypes.float0) for o in operands))
 
 
 _send.defvjp(_send_fwd, _send_bwd)

@@ -267,6 +267,41 @@ class Report:
         return "\n".join(lines)
 
 
+def comparison_text(reports: dict) -> str:
+    """Side by side, per chip: memory, each collective's bytes, HBM traffic and the estimated step of
+    several compiles of one config ({name: Report}, e.g. {"bf16": ..., "fp8": ...}); the last column is
+    the last report relative to the first."""
+    names = list(reports)
+    reps = [reports[n] for n in names]
+    first = reps[0]
+
+    def row(label, vals, show=human_bytes):
+        cells = ["-" if v is None else show(v) for v in vals]
+        a, b = vals[0], vals[-1]
+        rel = f"{100 * (b - a) / a:+.1f}%" if a and b is not None else ""
+        return f"  {label:<30}" + "".join(f"{c:>13}" for c in cells) + f"{rel:>10}"
+
+    ms = lambda x: f"{x * 1e3:.1f} ms"
+    ok = all(r.compiled for r in reps)
+    lines = [f"per chip, {' vs '.join(names)} (same config, topology and batch; last column {names[-1]} vs {names[0]}):",
+             f"  {'':<30}" + "".join(f"{n:>13}" for n in names) + f"{'change':>10}"]
+    lines.append(row("arguments", [r.args_bytes if r.compiled else None for r in reps]))
+    lines.append(row("temporaries", [r.temp_bytes if r.compiled else None for r in reps]))
+    lines.append(row("total", [r.total_bytes if r.compiled else None for r in reps]))
+    lines.append(f"  {'fits':<30}" + "".join(f"{'yes' if r.fits else 'no':>13}" for r in reps))
+    if ok and all(r.hlo is not None for r in reps):
+        kinds = sorted({k for r in reps for k in r.hlo.collectives}, key=lambda k: -first.hlo.collectives.get(k, [0, 0])[1])
+        for k in kinds:
+            lines.append(row(k, [r.hlo.collectives.get(k, [0, 0])[1] for r in reps]))
+        lines.append(row("HBM traffic", [r.hlo.hbm_bytes for r in reps]))
+    if ok and all(r.estimate is not None for r in reps):
+        lines.append(row("est. step, overlapped", [r.estimate.overlapped_s for r in reps], ms))
+        lines.append(row("est. step, not overlapped", [r.estimate.serial_s for r in reps], ms))
+        lines.append("  (the step estimate's compute term is the analytic FLOPs at the chip's bf16 peak for every "
+                     "column: it does not model FP8 units, nor the float32 dots of FP8 emulated where there are none)")
+    return "\n".join(lines)
+
+
 def _oom_message(e: Exception) -> str | None:
     msg = str(e)
     if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
@@ -289,6 +324,11 @@ def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int
     if tcfg.mesh.dcn > 1 and topo.slices != tcfg.mesh.dcn:
         topo = dataclasses.replace(topo, slices=tcfg.mesh.dcn)  # mesh.dcn=N: N slices of the topology
     devices = topology_devices(topo) if devices is None else devices
+    if tcfg.model.fp8 and tcfg.model.fp8_impl == "auto":  # the target's FP8 units decide, not this host's
+        from dsjax.model import fp8 as fp8_lib
+
+        impl = fp8_lib.resolve_impl("auto", list(devices)[0])
+        tcfg = dataclasses.replace(tcfg, model=dataclasses.replace(tcfg.model, fp8_impl=impl))
     cfg = tcfg.model
     mesh = pm.make_mesh(tcfg.mesh, devices)
     sizes = dict(mesh.shape)

@@ -23,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dsjax.model import fp8 as fp8_lib
 from dsjax.model.layers import varying_axes
 
 EXPERT_AXIS = "expert"
@@ -99,20 +100,31 @@ def rounds_needed(m, rows: int, axes: tuple[str, ...]):
     return jax.lax.pmax(r, axes) if axes else r
 
 
-def dispatch(p, xs, m, mine, me, num_rounds, *, rows: int, experts):
+def dispatch(p, xs, m, mine, me, num_rounds, *, rows: int, experts, fp8: bool = False):
     """Send the sorted rows xs [T*K, d] to their experts' devices, run `experts(p, buffer [rows, d],
     local ids [rows]) -> [rows, d]` there, bring the outputs back -> [T*K, d] in xs's order.
 
     m [src, dst] row counts, mine [src, el] rows for my local experts, me my index on the axis,
     num_rounds from rounds_needed. Differentiable in p and xs; over several rounds the weight
-    gradients add up in p's dtype (the caller passes the compute dtype's copy of the weights)."""
+    gradients add up in p's dtype (the caller passes the compute dtype's copy of the weights).
+    fp8: the rows travel as E4M3 plus their float32 1x128 tile scales, dequantized on arrival (V3's FP8
+    dispatch, as dsjax.model.fp8.send_rows); outputs and cotangents travel in xs's dtype."""
     nk, d = xs.shape
     el = mine.shape[1]
     width = min(rows, nk)
 
     def round_buffer(src, r, m, me):  # round r's rows (or cotangents) of src, arrived at their experts
         fwd, _ = _schedule(m, me, r, rows)
-        return _exchange(src, _varying_zeros((rows, d), src.dtype, src), fwd, width)
+        return _exchange(src, _varying_zeros((rows, src.shape[-1]), src.dtype, src), fwd, width)
+
+    def sendable(xs):  # what the rows travel as: themselves, or (E4M3 rows, scales), quantized once
+        return fp8_lib.quantize(xs, fp8_lib.tiles_along(2, -1)) if fp8 else xs
+
+    def arrived(sent, r, m, me):  # round r's rows of xs at their experts, in xs's dtype
+        if not fp8:
+            return round_buffer(sent, r, m, me)
+        q, s = (round_buffer(a, r, m, me) for a in sent)
+        return fp8_lib.dequantize(q, s, fp8_lib.tiles_along(2, -1), xs.dtype)
 
     def send_back(y, out, r, m, me):
         _, rev = _schedule(m, me, r, rows)
@@ -122,9 +134,10 @@ def dispatch(p, xs, m, mine, me, num_rounds, *, rows: int, experts):
     @jax.custom_vjp
     def run(p, xs, plan):
         m, mine, me, num_rounds = plan
+        sent = sendable(xs)
 
         def one(r, out):
-            y = experts(p, round_buffer(xs, r, m, me), _buffer_ids(mine, r, rows, el))
+            y = experts(p, arrived(sent, r, m, me), _buffer_ids(mine, r, rows, el))
             return send_back(y, out, r, m, me)
 
         return jax.lax.fori_loop(0, num_rounds, one, _varying_zeros(xs.shape, xs.dtype, xs))
@@ -135,11 +148,12 @@ def dispatch(p, xs, m, mine, me, num_rounds, *, rows: int, experts):
     def run_bwd(res, dy):
         p, xs, plan = res
         m, mine, me, num_rounds = plan
+        sent = sendable(xs)
 
         def one(r, carry):
             dp, dxs = carry
             ids = _buffer_ids(mine, r, rows, el)
-            _, vjp = jax.vjp(lambda p, b: experts(p, b, ids), p, round_buffer(xs, r, m, me))
+            _, vjp = jax.vjp(lambda p, b: experts(p, b, ids), p, arrived(sent, r, m, me))
             dp_r, db = vjp(round_buffer(dy, r, m, me))
             return jax.tree.map(jnp.add, dp, dp_r), send_back(db, dxs, r, m, me)
 

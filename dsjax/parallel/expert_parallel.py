@@ -82,7 +82,6 @@ def routed_experts_ep(p: dict, x: jnp.ndarray, w: jnp.ndarray, idx: jnp.ndarray,
     return fn(p, x, w, idx)
 
 
-
 def _local(p, x, w, idx, *, cfg: ModelConfig, n: int, axes: tuple[str, ...] = ()):
     """Per device: x [T, d] local tokens, w/idx [T, K], p = this device's E/n experts."""
     t, k = idx.shape
@@ -90,7 +89,8 @@ def _local(p, x, w, idx, *, cfg: ModelConfig, n: int, axes: tuple[str, ...] = ()
     el = e // n
     me = jax.lax.axis_index(EXPERT_AXIS)
     order, _, counts = sort_by_expert(idx, e)  # counts [E] for my tokens
-    xs = sorted_rows(x, order, inverse_permutation(order), k)  # [T*K, d], sorted by expert, hence by destination
+    inv = inverse_permutation(order)
+    xs = sorted_rows(x, order, inv, k)  # [T*K, d], sorted by expert, hence by destination
     send = counts.reshape(n, el).sum(1)  # rows to each destination
     send_off = jnp.cumsum(send) - send
     all_counts = jax.lax.all_gather(counts, EXPERT_AXIS)  # [n(src), E]
@@ -105,13 +105,14 @@ def _local(p, x, w, idx, *, cfg: ModelConfig, n: int, axes: tuple[str, ...] = ()
         # gradients and their sum are then that size (bf16: half of float32's 3 x 1.75 GiB at 671B).
         leaves, tree = jax.tree.flatten(jax.tree.map(lambda a: a.astype(xs.dtype), p))
         *leaves, xs = vary_together(*leaves, xs)  # weight gradients keep their weights' type
-        ys = ep_capacity.dispatch(tree.unflatten(leaves), xs, m, mine, me, rounds, rows=rows, experts=experts)
-        return combine(ys, order, w, t, k)
+        ys = ep_capacity.dispatch(tree.unflatten(leaves), xs, m, mine, me, rounds, rows=rows, experts=experts,
+                                  fp8=bool(cfg.fp8))
+        return combine(ys, order, inv, w, t, k)
     cap = t * min(k, el)  # worst-case rows from one source
     args = (xs, send, send_off, m, mine, recv, me, p)
     ys = jax.lax.platform_dependent(*args, cpu=functools.partial(_padded, cfg=cfg, n=n, cap=cap),
                                     default=functools.partial(_ragged, cfg=cfg, n=n, cap=cap))
-    return combine(ys, order, w, t, k)
+    return combine(ys, order, inv, w, t, k)
 
 
 def _segment_ids(sizes, total: int, el: int):
@@ -145,8 +146,9 @@ def _ragged(xs, send, send_off, m, mine, recv, me, p, *, cfg, n, cap):
     before = jnp.cumsum(m, axis=0) - m  # [src, dst]: rows other sources put ahead of src at dst
     out_off = before[me]  # where my rows land at each destination
     recv_off = jnp.cumsum(recv) - recv  # where each source's rows sit in my buffer
-    got = _dispatch(xs, lambda a: jax.lax.ragged_all_to_all(a, _like(a, (n * cap, a.shape[-1])), send_off, send,
-                                                            out_off, recv, axis_name=EXPERT_AXIS), cfg)
+    got = _dispatch(xs, lambda a, *routing: jax.lax.ragged_all_to_all(a, _like(a, (n * cap, a.shape[-1])), *routing,
+                                                                      axis_name=EXPERT_AXIS),
+                    cfg, send_off, send, out_off, recv)
     ids = _segment_ids(mine, n * cap, el)  # consecutive (source, local expert) segments
     y = local_experts(p, got, ids, el, cfg)
     # reverse: my rows from source s go back to s at the offset s used for me
@@ -156,11 +158,10 @@ def _ragged(xs, send, send_off, m, mine, recv, me, p, *, cfg, n, cap):
                                      axis_name=EXPERT_AXIS)
 
 
-
-def _dispatch(x, move, cfg: ModelConfig):
-    """move(x): the rows to their experts' devices; under cfg.fp8 as E4M3 plus 1x128 scales (V3's FP8
-    dispatch; the combine stays in x's dtype)."""
-    return send_rows(x, move) if cfg.fp8 else move(x)
+def _dispatch(x, move, cfg: ModelConfig, *routing):
+    """move(x, *routing): the rows to their experts' devices; under cfg.fp8 as E4M3 plus 1x128 scales
+    (V3's FP8 dispatch; the combine stays in x's dtype). move closes over no traced value."""
+    return send_rows(x, move, *routing) if cfg.fp8 else move(x, *routing)
 
 
 def _like(x, shape):

@@ -67,6 +67,24 @@ def test_compile_tiny_fits(capsys):
     assert "180K H800 GPU-hours" in out
 
 
+@needs_tpu_compiler
+def test_compile_compare_fp8(capsys):
+    """Both programs compiled for the TPU target (FP8 emulated: v5p has no FP8 units) and compared."""
+    rc = main(["compile", "--config", "configs/tiny.yaml", "--topology", "v5p:2x2x1", "mesh.fsdp=2",
+               "mesh.expert=2", "--seq-len", "32", "--buffers", "0", "--compare-fp8"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "=== model.fp8=false ===" in out and "=== model.fp8=true ===" in out
+    table = out[out.index("per chip, bf16 vs fp8"):].splitlines()
+    rows = {line[:32].strip(): line[32:].rsplit(None, 1) if "%" in line else line[32:].split()
+            for line in table[2:] if line.startswith("  ") and not line.startswith("  (")}
+    assert rows["fits"] == ["yes", "yes"]
+    for key in ("arguments", "temporaries", "total", "HBM traffic", "all-gather", "est. step, overlapped"):
+        assert key in rows and rows[key][1].endswith("%"), (key, rows)
+    assert float(rows["arguments"][1][:-1]) == 0.0  # same params and optimizer state
+    assert float(rows["temporaries"][1][:-1]) != 0.0  # another program
+
+
 @pytest.mark.parametrize("start, limit", [(1, 1), (1, 13), (4, 13), (16, 13), (1, 0), (8, 0), (5, 5)])
 def test_search_batch_finds_the_largest(start, limit):
     calls = []
