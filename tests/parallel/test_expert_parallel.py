@@ -121,8 +121,9 @@ def test_pallas_kernels_run_per_device_under_a_mesh(reference):
         assert _rel(g, g0) <= 1e-5, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("capacity", [0.0, 0.5])  # dropless ragged; a receive buffer of half the mean: 2+ rounds
-def test_expert_parallel_fp8_matches_single_device_fp8(reference, capacity):
+# dropless (blocked experts); a receive buffer of half the mean rows (2+ rounds) with the grouped FP8 product
+@pytest.mark.parametrize("capacity, impl", [(0.0, "blocked"), (0.5, "ragged_dot")])
+def test_expert_parallel_fp8_matches_single_device_fp8(reference, capacity, impl):
     """model.fp8: the dispatch all-to-all carries E4M3 rows plus their 1x128 scales (V3's FP8 dispatch),
     the combine stays in the compute dtype; loss and gradients equal the single-device FP8 model's
     (the experts requantize the received rows to the same E4M3 values). Gradients agree within FP8
@@ -132,7 +133,7 @@ def test_expert_parallel_fp8_matches_single_device_fp8(reference, capacity):
     other gradients agree to 1e-2 (measured: 6e-5 to 5.7e-3 for the same model under two attention
     backward formulations that agree to 1e-6 in float32; a wrong scale or tile would be off by O(1))."""
     cfg, params, tokens, *_ = reference
-    cfg = cfg.replace(fp8=True, fp8_impl="emulated")
+    cfg = cfg.replace(fp8=True, fp8_impl="emulated", moe_impl=impl)
     (loss0, _), grads0 = _value_and_grad(cfg, params, tokens)
     cfg = cfg.replace(ep_capacity_factor=capacity)
     mesh = pm.make_mesh(pm.MeshConfig(fsdp=1, expert=8))
