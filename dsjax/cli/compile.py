@@ -93,7 +93,8 @@ def register(sub, help_):
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="judge 'fits' against this many GiB per chip instead of XLA's limit (headroom)")
     p.add_argument("--buffers", type=int, default=15,
-                   help="list this many of the largest buffers live at the memory peak (0: skip the dump)")
+                   help="list this many of the largest buffers live at the memory peak (0: skip the dump) and "
+                        "of the collectives with the most bytes")
     p.add_argument("--compare-fp8", action="store_true",
                    help="compile with model.fp8=false and =true and compare memory, collectives and step estimate")
     p.add_argument("--hlo-out", default=None, help="write the optimised HLO text to this file")

@@ -196,6 +196,7 @@ class Report:
     peak: object = None  # memory_peak.PeakReport, when asked for
     hlo: object = None  # hlo_stats.HloStats
     estimate: object = None  # step_time.StepEstimate
+    collective_sites: int = 0  # how many of the largest collective sites text() lists
 
     @property
     def fits(self) -> bool:
@@ -262,6 +263,11 @@ class Report:
                          f"ICI {human_bytes(h.ici_bytes)}, DCN {human_bytes(h.dcn_bytes)} ({kinds or 'no collectives'})")
             if h.unknown_trips:
                 lines.append(f"warning: {len(h.unknown_trips)} while loop(s) with an unknown trip count counted once")
+            sites = h.sites(self.collective_sites)
+            if sites:
+                lines.append("largest collectives per step (wire bytes per chip, runs per step, operand, group size, source):")
+                for kind, operand, n, name, runs, wb in sites:
+                    lines.append(f"  {human_bytes(wb):>10}  {kind:<18} x{runs:<6g} {operand:<28} n={n:<4} {name[-100:]}")
         if self.estimate is not None:
             lines += self.estimate.lines()
         return "\n".join(lines)
@@ -337,7 +343,8 @@ def compile_report(tcfg, topology: str | Topology, *, devices=None, buffers: int
     if b % nb:
         raise ConfigError(f"train config field 'batch_size': {b} is not divisible by the mesh's batch axes "
                           f"(dcn x data x fsdp x expert = {nb})")
-    rep = Report(topo, sizes, b, s, flops=step_flops(cfg, b, s, with_mtp=tcfg.mtp_lambda > 0), hbm_limit=hbm_limit)
+    rep = Report(topo, sizes, b, s, flops=step_flops(cfg, b, s, with_mtp=tcfg.mtp_lambda > 0), hbm_limit=hbm_limit,
+                 collective_sites=buffers)
 
     init, step = training_step(cfg, tcfg, mesh)
     abstract_state = jax.eval_shape(init, abstract_params(cfg))

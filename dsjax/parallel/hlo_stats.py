@@ -175,6 +175,15 @@ class HloStats:
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> [count, wire bytes]
     trip_counts: dict = dataclasses.field(default_factory=dict)  # while name -> trips
     unknown_trips: list = dataclasses.field(default_factory=list)  # whiles counted once
+    # (kind, operand type, group size, source op_name) -> [runs per step, wire bytes per step]: where the
+    # collective bytes come from (sites()).
+    by_site: dict = dataclasses.field(default_factory=dict)
+
+    def sites(self, top: int) -> list[tuple[str, str, int, str, float, float]]:
+        """The `top` collective sites by wire bytes per step: (kind, operand type, group size,
+        op_name, runs per step, bytes per step)."""
+        rows = [(*k, v[0], v[1]) for k, v in self.by_site.items()]
+        return sorted(rows, key=lambda r: -r[5])[:top]
 
 
 def _trip_count(w: Instr, comps, types, instrs) -> int | None:
@@ -284,9 +293,15 @@ def hlo_stats(text: str, *, num_devices: int, slice_of: list[int] | None = None)
             stats.dcn_bytes += wb
         else:
             stats.ici_bytes += wb
-        c = stats.collectives.setdefault(opcode + (" (DCN)" if crosses else ""), [0, 0.0])
+        kind = opcode + (" (DCN)" if crosses else "")
+        c = stats.collectives.setdefault(kind, [0, 0.0])
         c[0] += mult
         c[1] += wb
+        operand = re.sub(r"\{[^{}]*(\{[^{}]*\}[^{}]*)*\}", "", types.get(ins.operands[0], "") if ins.operands else "")
+        name = re.search(r'op_name="([^"]*)"', ins.attrs)
+        site = stats.by_site.setdefault((kind, operand, n, name.group(1) if name else ""), [0, 0.0])
+        site[0] += mult
+        site[1] += wb
 
     def scan_for_collectives(comp: str, mult: float, seen=()):
         for ins in comps.get(comp, []):

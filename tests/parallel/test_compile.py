@@ -61,6 +61,8 @@ def test_compile_tiny_fits(capsys):
     head = next(i for i, line in enumerate(lines) if line.startswith("largest live buffers at peak"))
     assert all(" at dsjax/" in line or "(" in line for line in lines[head + 1:head + 6])
     assert any(line.startswith("estimated step time: ") for line in lines)
+    top = next(i for i, line in enumerate(lines) if line.startswith("largest collectives per step"))
+    assert re.match(r"\s+[\d.]+ \w+\s+(all-gather|all-reduce|ragged-all-to-all|all-to-all|reduce-scatter)\s+x\d", lines[top + 1])
     mfu = next(line for line in lines if line.startswith("estimated MFU: "))
     over, serial = (float(x) for x in re.findall(r"([\d.]+)%", mfu))
     assert 0 < serial <= over <= 100
