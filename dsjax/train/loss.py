@@ -6,12 +6,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
 from dsjax.model.mtp import shifted
 from dsjax.model.transformer import forward
-from dsjax.parallel.mesh import batch_axes
 
 
 def cross_entropy(logits, targets, mask):
@@ -22,30 +20,17 @@ def cross_entropy(logits, targets, mask):
     return jnp.sum((logz - tgt) * m), jnp.sum(m), logz
 
 
-def chunked_cross_entropy(h, w, targets, mask, chunk: int, mesh=None):
+def chunked_cross_entropy(h, w, targets, mask, chunk: int):
     """cross_entropy(h @ w in float32, targets, mask) for h [b, s, hidden], head w [hidden, V], without
     the [b, s, V] float32 logits: the sequence goes through in chunks of `chunk` tokens (the last one
     padded), and the backward pass recomputes each chunk's logits (a custom VJP), so only one chunk's
     logits and their gradient exist at a time. Same products as model.transformer.head (bf16 h and w,
-    float32 accumulation) -> (loss sum, token count, logz [b, s]).
-
-    mesh: with the batch split over mesh axes, each device runs the chunks of its own rows (a shard_map)
-    and adds its head-gradient contributions locally; one all-reduce per call sums them. (Partitioned
-    by XLA, the gradient accumulated over the chunks was all-reduced after every chunk: at the 671B
-    v5p config 8 all-reduces of the 3.45 GiB float32 head gradient per step instead of 2.)"""
+    float32 accumulation) -> (loss sum, token count, logz [b, s])."""
     s = h.shape[1]
     pad = -s % chunk
     padded = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
     m = mask.astype(jnp.float32)
-    args = (padded(h), w.astype(h.dtype), padded(targets), padded(m))
-    axes = batch_axes(mesh, h.shape[0]) if mesh is not None else ()
-    if axes:
-        rows = P(axes)
-        per_device = jax.shard_map(functools.partial(_chunked_ce, chunk=chunk, axes=axes), mesh=mesh,
-                                   in_specs=(rows, P(), rows, rows), out_specs=(P(), rows))
-        total, logz = per_device(*args)
-    else:
-        total, logz = _chunked_ce(*args, chunk=chunk, axes=())
+    total, logz = _chunked_ce(padded(h), w.astype(h.dtype), padded(targets), padded(m), chunk)
     return total, jnp.sum(m), logz[:, :s]
 
 
@@ -62,20 +47,12 @@ def _chunk_logits(h, w):
     return jnp.dot(h, w, preferred_element_type=jnp.float32)  # [b, chunk, V]
 
 
-def _zeros(shape, axes: tuple[str, ...]):
-    """float32 zeros for a scan carry that gathers per-device values (varying over `axes` in a shard_map)."""
-    z = jnp.zeros(shape, jnp.float32)
-    return jax.lax.pcast(z, axes, to="varying") if axes else z
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_ce(h, w, targets, m, chunk: int):
+    return _chunked_ce_fwd(h, w, targets, m, chunk)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_ce(h, w, targets, m, chunk: int, axes: tuple[str, ...]):
-    """axes: the mesh axes h's rows are split over (inside a shard_map; () outside one): the loss sum
-    and the head gradient are summed over them."""
-    return _chunked_ce_fwd(h, w, targets, m, chunk, axes)[0]
-
-
-def _chunked_ce_fwd(h, w, targets, m, chunk: int, axes: tuple[str, ...]):
+def _chunked_ce_fwd(h, w, targets, m, chunk: int):
     def body(total, xs):
         hc, tc, mc = xs
         logits = _chunk_logits(hc, w)
@@ -83,14 +60,13 @@ def _chunked_ce_fwd(h, w, targets, m, chunk: int, axes: tuple[str, ...]):
         tgt = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         return total + jnp.sum((logz - tgt) * mc), logz
 
-    total, logz = jax.lax.scan(body, _zeros((), axes), (_chunks(h, chunk), _chunks(targets, chunk), _chunks(m, chunk)))
+    total, logz = jax.lax.scan(body, jnp.zeros((), jnp.float32), (_chunks(h, chunk), _chunks(targets, chunk),
+                                                                  _chunks(m, chunk)))
     logz = _unchunk(logz)
-    if axes:
-        total = jax.lax.psum(total, axes)
     return (total, logz), (h, w, targets, m, logz)
 
 
-def _chunked_ce_bwd(chunk: int, axes: tuple[str, ...], res, g):
+def _chunked_ce_bwd(chunk: int, res, g):
     h, w, targets, m, logz = res
     dtotal, dlogz = g
     wt = w.T.astype(jnp.float32)
@@ -106,9 +82,7 @@ def _chunked_ce_bwd(chunk: int, axes: tuple[str, ...], res, g):
         return dw, dh
 
     xs = tuple(_chunks(a, chunk) for a in (h, targets, m, logz, dlogz))
-    dw, dh = jax.lax.scan(body, _zeros(w.shape, axes), xs)
-    if axes:
-        dw = jax.lax.psum(dw, axes)  # once, after every chunk of this device's rows
+    dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), xs)
     return _unchunk(dh), dw.astype(w.dtype), None, None
 
 
@@ -149,7 +123,7 @@ def loss_fn(params, batch: dict, cfg: ModelConfig, *, mtp_lambda: float, balance
     logits, aux = forward(params, tokens, cfg, positions=batch.get("positions"), segment_ids=seg,
                           with_mtp=mtp_lambda > 0, mesh=mesh, with_logits=ce_chunk == 0)
     if ce_chunk:
-        ce = lambda h, t, v: chunked_cross_entropy(h, params["lm_head"], t, v, ce_chunk, mesh)
+        ce = lambda h, t, v: chunked_cross_entropy(h, params["lm_head"], t, v, ce_chunk)
         head_inputs = aux.pop("mtp_hidden", None)
         logits = aux["hidden"]
     else:
