@@ -16,7 +16,9 @@ starting at a constant), and sums per chip:
   all-reduce 2 (n-1)/n x input; ragged-all-to-all (n-1)/n x its input buffer (an upper bound: the
   real rows sent depend on the routing); collective-permute its input.
 A group whose members sit in different slices (`slice_of` maps a logical device id to its slice)
-is counted as DCN traffic, otherwise as ICI traffic.
+is counted as DCN traffic, otherwise as ICI traffic. TPU XLA lowers the cross-slice part of a
+collective to host-transfer `send`s of the megascale runtime (`_xla_megascale_transfer_type`): each
+send's operand counts as DCN bytes, under the kind of the collective it implements.
 """
 from __future__ import annotations
 
@@ -303,6 +305,22 @@ def hlo_stats(text: str, *, num_devices: int, slice_of: list[int] | None = None)
         site[0] += mult
         site[1] += wb
 
+    def megascale_send(ins: Instr, mult: float):
+        """A collective across slices, which TPU XLA lowers to host-transfer sends over DCN (the megascale
+        runtime): the bytes this chip sends, under the kind of the collective it implements."""
+        wb = sum(array_bytes(types.get(o, "")) for o in ins.operands[:1]) * mult
+        kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', ins.attrs)
+        kind = (kind.group(1).lower().replace("_", "-") if kind else "send") + " (DCN)"
+        stats.dcn_bytes += wb
+        c = stats.collectives.setdefault(kind, [0, 0.0])
+        c[0] += mult
+        c[1] += wb
+        src = re.search(r'_xla_host_transfer_rendezvous="([^"]*)"', ins.attrs)
+        operand = re.sub(r"\{[^{}]*(\{[^{}]*\}[^{}]*)*\}", "", types.get(ins.operands[0], "") if ins.operands else "")
+        site = stats.by_site.setdefault((kind, operand, 2, src.group(1) if src else ""), [0, 0.0])
+        site[0] += mult
+        site[1] += wb
+
     def scan_for_collectives(comp: str, mult: float, seen=()):
         for ins in comps.get(comp, []):
             op = ins.opcode.removesuffix("-start")
@@ -342,6 +360,8 @@ def hlo_stats(text: str, *, num_devices: int, slice_of: list[int] | None = None)
             if op in COLLECTIVES:
                 comm(ins, mult, op)
                 continue
+            if ins.opcode == "send" and "xla_megascale" in ins.attrs:
+                megascale_send(ins, mult)
             if ins.opcode in ("fusion", "async-start"):
                 scan_for_collectives(_attr(ins.attrs, "calls") or "", mult)
             if ins.opcode in NO_TRAFFIC:

@@ -4,6 +4,7 @@ an all-gather of a known shard inside a scan of known length, a psum outside it,
 compiled for this CPU and for a v5p:2x2x1 TPU topology (libtpu's compiler, no TPU)."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -20,7 +21,7 @@ def _line_of(text: str) -> int:
 
 
 def _program(devices):
-    mesh = jax.make_mesh((N,), ("x",), devices=devices)
+    mesh = jax.sharding.Mesh(np.array(devices), ("x",))  # (in the given order: tests choose the slices)
 
     def f(x):
         def body(c, _):
@@ -88,6 +89,24 @@ def _tpu_devices():
 
 
 needs_tpu_compiler = pytest.mark.skipif(_tpu_devices() is None, reason="libtpu is not importable")
+
+
+@needs_tpu_compiler
+def test_hlo_stats_two_tpu_slices_counts_the_megascale_sends_as_dcn():
+    """The same program on 2 chips in each of two v5p slices: TPU XLA splits each collective into an ICI
+    part and host-transfer sends over DCN (the megascale runtime). All-gather per trip: the shard
+    (16 KiB) to the other slice over DCN, then the pair [2, 16, 256] within the slice over ICI (32 KiB);
+    psum: reduce-scatter within the slice (8 KiB), the half over DCN (8 KiB), all-gather back (8 KiB).
+    ICI + DCN equal the ring formula over all 4 chips."""
+    d = aot.topology_devices(aot.Topology("v5p", (2, 2, 1), slices=2))
+    devices = [d[0], d[1], d[4], d[5]]  # chips 0, 1 of slice 0 and of slice 1
+    assert [x.slice_index for x in devices] == [0, 0, 1, 1]
+    stats = hlo_stats.hlo_stats(_program(devices).compile().as_text(), num_devices=N,
+                                slice_of=[x.slice_index for x in devices])
+    assert stats.collectives["all-gather (DCN)"] == [TRIPS, TRIPS * SHARD]
+    assert stats.collectives["all-reduce (DCN)"] == [1, SHARD / 2]
+    assert stats.dcn_bytes == TRIPS * SHARD + SHARD / 2
+    assert stats.ici_bytes + stats.dcn_bytes == pytest.approx(WANT_AG + WANT_AR)
 
 
 @needs_tpu_compiler
