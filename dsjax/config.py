@@ -347,19 +347,22 @@ def apply_overrides(cfg: ModelConfig, overrides: Sequence[str] | Mapping[str, An
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ModelConfig:
-    """Load a model config from a YAML file, an HF config.json, or a checkpoint directory."""
+    """Load a model config from a YAML file, an HF config.json, or a checkpoint directory. A file may be
+    a URL (gs://...: a native checkpoint's marker or a workdir's run_config.yaml on a bucket)."""
+    from dsjax.train import workdir_io  # (it imports this module)
+
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.exists(path):
+    if workdir_io.isdir(path):
+        path = workdir_io.join(path, "config.json")
+    if not workdir_io.exists(path):
         resolved = _packaged_config(path)
         if resolved is None:
             raise ConfigError(f"{path}: no such config file")
         path = resolved
     try:
-        with open(path) as f:
-            raw = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-    except (OSError, json.JSONDecodeError, yaml.YAMLError) as e:
+        text = workdir_io.read_text(path)
+        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")

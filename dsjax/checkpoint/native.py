@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from dsjax.checkpoint.safetensors_io import CheckpointError
-from dsjax.config import ConfigError, ModelConfig, config_from_dict
+from dsjax.config import ModelConfig, load_config
 from dsjax.checkpoint import checksums
 from dsjax.train import workdir_io
 
@@ -28,20 +28,6 @@ CHECKSUMS = "checksums.json"
 def _norm(path) -> str:
     path = os.fspath(path)
     return path if workdir_io.is_url(path) else os.path.abspath(path)
-
-
-def model_config_at(yaml_path: str) -> ModelConfig:
-    """The model config in a YAML file, local or a URL: a native checkpoint's marker, or a workdir's
-    run_config.yaml (its `model:` section)."""
-    try:
-        raw = yaml.safe_load(workdir_io.read_text(yaml_path))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{yaml_path}: cannot read config: {e}") from None
-    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
-        raw = raw["model"]
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{yaml_path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return config_from_dict(raw, where=yaml_path)
 
 
 def is_native(path: str) -> bool:
@@ -65,7 +51,7 @@ def load(path: str):
     import orbax.checkpoint as ocp
 
     path = _norm(path)
-    cfg = model_config_at(workdir_io.join(path, MARKER))
+    cfg = load_config(workdir_io.join(path, MARKER))
     try:
         params = ocp.PyTreeCheckpointer().restore(workdir_io.orbax_path(workdir_io.join(path, "params")))
     except Exception as e:  # noqa: BLE001 — any unreadable file: name the checkpoint, not Orbax's internals

@@ -109,7 +109,7 @@ def dispatch(p, xs, m, mine, me, num_rounds, *, rows: int, experts, fp8: bool = 
     gradients add up in p's dtype (the caller passes the compute dtype's copy of the weights).
     fp8: the rows travel as E4M3 plus their float32 1x128 tile scales, dequantized on arrival (V3's FP8
     dispatch, as dsjax.model.fp8.send_rows); outputs and cotangents travel in xs's dtype."""
-    nk, d = xs.shape
+    nk = xs.shape[0]
     el = mine.shape[1]
     width = min(rows, nk)
 

@@ -291,35 +291,30 @@ def hlo_stats(text: str, *, num_devices: int, slice_of: list[int] | None = None)
         wb = wire_bytes(opcode, in_bytes, n) * mult
         crosses = slice_of is not None and any(len({slice_of[d] for d in g if d < len(slice_of)}) > 1
                                                for g in groups)
-        if crosses:
-            stats.dcn_bytes += wb
-        else:
-            stats.ici_bytes += wb
-        kind = opcode + (" (DCN)" if crosses else "")
-        c = stats.collectives.setdefault(kind, [0, 0.0])
-        c[0] += mult
-        c[1] += wb
-        operand = re.sub(r"\{[^{}]*(\{[^{}]*\}[^{}]*)*\}", "", types.get(ins.operands[0], "") if ins.operands else "")
         name = re.search(r'op_name="([^"]*)"', ins.attrs)
-        site = stats.by_site.setdefault((kind, operand, n, name.group(1) if name else ""), [0, 0.0])
-        site[0] += mult
-        site[1] += wb
+        tally(ins, mult, opcode, n, wb, crosses, name.group(1) if name else "")
 
     def megascale_send(ins: Instr, mult: float):
         """A collective across slices, which TPU XLA lowers to host-transfer sends over DCN (the megascale
         runtime): the bytes this chip sends, under the kind of the collective it implements."""
         wb = sum(array_bytes(types.get(o, "")) for o in ins.operands[:1]) * mult
         kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', ins.attrs)
-        kind = (kind.group(1).lower().replace("_", "-") if kind else "send") + " (DCN)"
-        stats.dcn_bytes += wb
-        c = stats.collectives.setdefault(kind, [0, 0.0])
-        c[0] += mult
-        c[1] += wb
         src = re.search(r'_xla_host_transfer_rendezvous="([^"]*)"', ins.attrs)
+        tally(ins, mult, kind.group(1).lower().replace("_", "-") if kind else "send", 2, wb, True,
+              src.group(1) if src else "")
+
+    def tally(ins: Instr, mult: float, opcode: str, n: int, wb: float, dcn: bool, source: str):
+        """Add wb wire bytes of one collective (run mult times) to the totals, its kind and its site."""
+        if dcn:
+            stats.dcn_bytes += wb
+        else:
+            stats.ici_bytes += wb
+        kind = opcode + (" (DCN)" if dcn else "")
         operand = re.sub(r"\{[^{}]*(\{[^{}]*\}[^{}]*)*\}", "", types.get(ins.operands[0], "") if ins.operands else "")
-        site = stats.by_site.setdefault((kind, operand, 2, src.group(1) if src else ""), [0, 0.0])
-        site[0] += mult
-        site[1] += wb
+        for tot in (stats.collectives.setdefault(kind, [0, 0.0]),
+                    stats.by_site.setdefault((kind, operand, n, source), [0, 0.0])):
+            tot[0] += mult
+            tot[1] += wb
 
     def scan_for_collectives(comp: str, mult: float, seen=()):
         for ins in comps.get(comp, []):
