@@ -347,31 +347,39 @@ def apply_overrides(cfg: ModelConfig, overrides: Sequence[str] | Mapping[str, An
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ModelConfig:
-    """Load a model config from a YAML file, an HF config.json, or a checkpoint directory. A file may be
-    a URL (gs://...: a native checkpoint's marker or a workdir's run_config.yaml on a bucket)."""
-    from dsjax.train import workdir_io  # (it imports this module)
-
+    """Load a model config from a YAML file, an HF config.json, or a checkpoint directory."""
     path = os.fspath(path)
-    if workdir_io.isdir(path):
-        path = workdir_io.join(path, "config.json")
-    if not workdir_io.exists(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
         resolved = _packaged_config(path)
         if resolved is None:
             raise ConfigError(f"{path}: no such config file")
         path = resolved
     try:
-        text = workdir_io.read_text(path)
-        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    if path.endswith((".yaml", ".yml")) and "model" in raw and isinstance(raw["model"], dict):
-        raw = raw["model"]  # a combined run config: model section
-    if path.endswith(".json"):
-        _check_hf_config(raw, path)
-    cfg = config_from_dict(raw, where=path, strict=not path.endswith(".json"))
+    cfg = config_from_text(text, path)
     return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def config_from_text(text: str, where: str) -> ModelConfig:
+    """The model config in the text of the file `where` (JSON: an HF config.json; else YAML: a model
+    config, or a run config's `model:` section). Reading the file is the caller's: load_config for local
+    paths, dsjax.train.workdir_io for gs:// ones (a native checkpoint's marker, a workdir's run config)."""
+    try:
+        raw = json.loads(text) if where.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{where}: cannot read config: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
+    if where.endswith((".yaml", ".yml")) and "model" in raw and isinstance(raw["model"], dict):
+        raw = raw["model"]  # a combined run config: model section
+    if where.endswith(".json"):
+        _check_hf_config(raw, where)
+    return config_from_dict(raw, where=where, strict=not where.endswith(".json"))
 
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from dsjax.checkpoint.safetensors_io import CheckpointError
-from dsjax.config import ModelConfig, load_config
+from dsjax.config import ConfigError, ModelConfig, config_from_text
 from dsjax.checkpoint import checksums
 from dsjax.train import workdir_io
 
@@ -28,6 +28,16 @@ CHECKSUMS = "checksums.json"
 def _norm(path) -> str:
     path = os.fspath(path)
     return path if workdir_io.is_url(path) else os.path.abspath(path)
+
+
+def read_config(yaml_path: str) -> ModelConfig:
+    """The model config in a YAML file, local or a URL (a native checkpoint's marker, a workdir's
+    run_config.yaml)."""
+    try:
+        text = workdir_io.read_text(yaml_path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{yaml_path}: cannot read config: {e}") from None
+    return config_from_text(text, yaml_path)
 
 
 def is_native(path: str) -> bool:
@@ -51,7 +61,7 @@ def load(path: str):
     import orbax.checkpoint as ocp
 
     path = _norm(path)
-    cfg = load_config(workdir_io.join(path, MARKER))
+    cfg = read_config(workdir_io.join(path, MARKER))
     try:
         params = ocp.PyTreeCheckpointer().restore(workdir_io.orbax_path(workdir_io.join(path, "params")))
     except Exception as e:  # noqa: BLE001 — any unreadable file: name the checkpoint, not Orbax's internals

@@ -43,7 +43,7 @@ def run(args) -> int:
     # a native checkpoint, a post-training workdir (its final model), a training workdir (local or gs://)
     for parts in ((native.MARKER,), ("final", native.MARKER), ("run_config.yaml",)):
         if workdir_io.exists(workdir_io.join(path, *parts)):
-            cfg = load_config(workdir_io.join(path, *parts))
+            cfg = native.read_config(workdir_io.join(path, *parts))
             break
     else:
         cfg = load_config(path)
