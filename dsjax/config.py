@@ -102,6 +102,11 @@ class ModelConfig:
     # share T*K (T local tokens, top-K). 0: one round into a worst-case buffer of n*T*min(K, E/n) rows.
     # > 0 (e.g. 1.25): a buffer of that many rows, and as many exact rounds as the routing needs.
     ep_capacity_factor: float = 0.0
+    # Where the routed experts' weights are stored: split over ("dcn", "fsdp") on the hidden dimension
+    # when the run's mesh.fsdp_over_dcn is on, else over "fsdp". The run config sets it from its mesh
+    # (dsjax.train.config.RunConfig); the expert-parallel layer gathers each layer's weights over the same
+    # axes (else XLA reshards the whole layer stack across the slices in every step of the layer scan).
+    fsdp_over_dcn: bool = False
 
     def __post_init__(self):
         _validate(self)
@@ -158,7 +163,8 @@ class ModelConfig:
 
 # Fields that change how the model runs, not its parameters: a run may resume with other values.
 RUNTIME_ONLY = frozenset({"dtype", "moe_impl", "moe_block_size", "attention_impl", "kernel_interpret",
-                          "remat_policy", "scan_unroll", "fp8", "fp8_impl", "ep_capacity_factor"})
+                          "remat_policy", "scan_unroll", "fp8", "fp8_impl", "ep_capacity_factor",
+                          "fsdp_over_dcn"})
 # Fields HF's config.json does not have.
 _DSJAX_ONLY = RUNTIME_ONLY | {"init_std", "param_dtype"}
 
@@ -223,6 +229,7 @@ def _validate(c: ModelConfig) -> None:
          f"must be one of {', '.join(REMAT_POLICIES)}; got {c.remat_policy!r}")
     need(c.moe_block_size > 0, "moe_block_size", f"must be > 0, got {c.moe_block_size}")
     need(isinstance(c.fp8, bool), "fp8", f"must be true or false, got {c.fp8!r}")
+    need(isinstance(c.fsdp_over_dcn, bool), "fsdp_over_dcn", f"must be true or false, got {c.fsdp_over_dcn!r}")
     need(not (c.fp8 and c.moe_impl == "pallas"), "fp8",
          "FP8 has no Pallas grouped-matmul kernel yet; use moe_impl blocked or ragged_dot with fp8=true")
     need(c.fp8_impl in ("auto", "emulated", "native"), "fp8_impl", f"must be auto, emulated or native; got {c.fp8_impl!r}")

@@ -86,6 +86,9 @@ class RunConfig:
         need(self.nan_policy in ("stop", "skip"), "nan_policy", f"must be stop or skip, got {self.nan_policy!r}")
         if self.moment_dtype == "auto":
             object.__setattr__(self, "moment_dtype", "bfloat16" if self.model.fp8 else "float32")
+        over_dcn = bool(getattr(self.mesh, "fsdp_over_dcn", False))
+        if self.model.fsdp_over_dcn != over_dcn:  # the model's copy of the mesh's state layout
+            object.__setattr__(self, "model", self.model.replace(fsdp_over_dcn=over_dcn))
         need(self.moment_dtype in ("float32", "bfloat16"), "moment_dtype",
              f"must be float32, bfloat16 or auto, got {self.moment_dtype!r}")
         need(0 <= self.decay_start_fraction <= self.decay_end_fraction <= 1, "decay_start_fraction",
