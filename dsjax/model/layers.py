@@ -120,7 +120,7 @@ def swiglu_hidden_grads(g, u, dh):
 
 class Param(nn.LogicallyPartitioned):
     """A parameter's Flax metadata: its logical axis names (`names`, mapped to mesh axes by
-    dsjax.parallel.mesh.RULES) and how `dsjax.model.params.init_params` draws it (`init`: normal |
+    dsjax.parallel.rules.RULES) and how `dsjax.model.params.init_params` draws it (`init`: normal |
     ones | zeros). Unboxing never constrains: shardings come from the one rules table."""
 
     init: str = struct.field(default="normal", pytree_node=False)

@@ -6,7 +6,7 @@ decoder layers stacked along a leading "layers" axis for the scanned stacks:
   embed_tokens [vocab, hidden]   norm [hidden]   lm_head [hidden, vocab]
   dense_layers / moe_layers / mtp_layers: {input_layernorm, self_attn{...}, post_attention_layernorm, mlp{...}}
   mtp_layers additionally: enorm, hnorm, eh_proj [2*hidden, hidden], shared_head_norm.
-Logical axis names are mapped to mesh axes by dsjax.parallel.mesh.RULES (sharding as data).
+Logical axis names are mapped to mesh axes by dsjax.parallel.rules.RULES (sharding as data).
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ from dsjax.model.experts import (combine, inverse_permutation, local_experts, ro
                                  sorted_rows)
 from dsjax.model.layers import vary_together, varying_axes
 from dsjax.parallel import ep_capacity
+from dsjax.parallel.rules import logical_to_spec, rules_over_dcn
 from dsjax.parallel.shard import token_axes
 
 EXPERT_AXIS = "expert"
@@ -180,18 +181,15 @@ _HIDDEN_DIM = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}
 
 def _weight_split(mesh, shape, hidden: int, over_dcn: bool) -> dict[int, tuple[str, ...]]:
     """{dimension: mesh axes} an expert weight [E, ., .] stays split over inside the shard_map: its
-    hidden dimension over the axes the parameter is stored split over (dsjax.parallel.mesh.rules_for:
-    "fsdp", with over_dcn ("dcn", "fsdp"); an axis of size 1 or one whose size does not divide what is
-    left is skipped, as there), so that entering costs no resharding. Measured on 671B over two v5p
-    slices with fsdp_over_dcn: gathering over "fsdp" only made XLA move the whole 58-layer float32
-    expert stacks across the slices in every layer step (204 s of DCN per step, 6 x 3.17 GiB buffers)."""
-    sizes, picked, prod = dict(mesh.shape), [], 1
-    for a in (("dcn", "fsdp") if over_dcn else ("fsdp",)):
-        n = sizes.get(a, 1)
-        if n > 1 and shape[hidden] % (prod * n) == 0:
-            picked.append(a)
-            prod *= n
-    return {hidden: tuple(picked)} if picked else {}
+    hidden dimension over the axes the parameter is stored split over (the same rules as the stored
+    state: dsjax.parallel.rules, "fsdp", with over_dcn ("dcn", "fsdp")), so that entering costs no
+    resharding. Measured on 671B over two v5p slices with fsdp_over_dcn: gathering over "fsdp" only
+    made XLA move the whole 58-layer float32 expert stacks across the slices in every layer step
+    (204 s of DCN per step, 6 x 3.17 GiB buffers)."""
+    spec = logical_to_spec(("expert_embed",), mesh, (shape[hidden],), rules_over_dcn(over_dcn))
+    if not spec:
+        return {}
+    return {hidden: (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])}
 
 
 def gather_weight(a, split: dict[int, tuple[str, ...]], dtype):

@@ -1,4 +1,4 @@
-"""The device mesh and the one place that maps logical axis names to mesh axes.
+"""The device mesh, and the shardings of parameters, trainer state and batches on it.
 
 Mesh axes, outermost (slowest network) first:
   dcn     data parallelism across slices (multislice, over the data-centre network)
@@ -7,8 +7,8 @@ Mesh axes, outermost (slowest network) first:
   expert  expert parallelism: routed experts split across devices, tokens sent by all-to-all
   tensor  tensor parallelism: attention heads, MLP width and vocabulary split
 Every parameter carries logical axis names as Flax metadata (dsjax.model.layers.param, read back by
-dsjax.model.params.param_specs); `RULES` maps them to mesh axes, so trying a different sharding is
-editing one mapping. The batch is split over every axis but "tensor". With `mesh.fsdp_over_dcn` the
+dsjax.model.params.param_specs); dsjax.parallel.rules.RULES maps them to mesh axes, so trying a
+different sharding is editing one mapping. The batch is split over every axis but "tensor". With `mesh.fsdp_over_dcn` the
 state is sharded over the slices as well (`rules_for`): FSDP across slices, so a multislice run holds
 a model that one slice cannot, paying for it with weight gathers and gradient reduce-scatters over DCN.
 """
@@ -24,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsjax.config import ConfigError, ModelConfig
 
-AXES = ("dcn", "data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("dcn", "data", "fsdp", "expert")
+# Re-exported: the mapping lives in dsjax.parallel.rules (no model imports, so the MoE layer can use it).
+from dsjax.parallel.rules import AXES, BATCH_AXES, RULES, logical_to_spec, rules_for  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,78 +101,6 @@ def make_mesh(mcfg: MeshConfig | None = None, devices: Sequence[Any] | None = No
     if arr is None:
         arr = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(arr, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
-
-
-# ----------------------------------------------------------------------------- logical -> mesh rules
-
-# Each logical name maps to a mesh axis or a tuple of them (tried in order). A mesh axis is used at
-# most once per array: a later dimension asking for an axis already taken gets none.
-RULES: dict[str, str | tuple[str, ...] | None] = {
-    # activations
-    "batch": BATCH_AXES,
-    "seq": None,
-    # parameters (the modules of dsjax.model declare them)
-    "vocab": "tensor",
-    # Dense weights are also split over "expert": outside the routed experts that axis is more FSDP.
-    "embed": ("fsdp", "expert"),
-    "heads": "tensor",
-    "q_lora": ("fsdp", "expert"),  # q_b_proj [q_lora, heads]: fsdp here, tensor on heads
-    "kv_lora": ("fsdp", "expert"),  # kv_b_proj [kv_lora, heads]
-    "mlp": "tensor",
-    "experts": "expert",
-    "expert_embed": "fsdp",
-    "expert_mlp": "tensor",
-    "gate_experts": None,
-    "mtp_concat": ("fsdp", "expert"),
-    "norm": None,
-    "layers": None,  # scanned: each step needs the whole layer axis locally
-}
-
-
-def rules_for(mcfg: MeshConfig | None) -> Mapping[str, Any]:
-    """RULES for this mesh config: with fsdp_over_dcn every parameter dimension split over "fsdp" is
-    split over ("dcn", "fsdp") instead (dcn outermost, as in the mesh); activations are unchanged."""
-    if mcfg is None or not mcfg.fsdp_over_dcn:
-        return RULES
-
-    def over_dcn(want):
-        want = (want,) if isinstance(want, str) else tuple(want or ())
-        return tuple(a for w in want for a in (("dcn", w) if w == "fsdp" else (w,)))
-
-    return {k: v if k == "batch" or v is None else over_dcn(v) for k, v in RULES.items()}
-
-
-def _axis_sizes(mesh) -> dict[str, int]:
-    return dict(mesh.shape)
-
-
-def logical_to_spec(axes: Sequence[str | None], mesh, shape: Sequence[int] | None = None,
-                    rules: Mapping[str, Any] | None = None) -> P:
-    """PartitionSpec for an array with these logical axes. Mesh axes of size 1, missing from the mesh,
-    already used by an earlier dimension, or (given `shape`) not dividing the dimension are dropped."""
-    rules = RULES if rules is None else rules
-    sizes = _axis_sizes(mesh)
-    used: set[str] = set()
-    out = []
-    for i, name in enumerate(axes):
-        if name is not None and name not in rules:
-            raise KeyError(f"logical axis {name!r} has no sharding rule in dsjax.parallel.mesh.RULES")
-        want = rules.get(name) if name is not None else None
-        want = (want,) if isinstance(want, str) else tuple(want or ())
-        picked, prod = [], 1
-        for a in want:
-            n = sizes.get(a, 1)
-            if n == 1 or a in used:
-                continue
-            if shape is not None and shape[i] % (prod * n):
-                continue
-            picked.append(a)
-            prod *= n
-        used.update(picked)
-        out.append(None if not picked else picked[0] if len(picked) == 1 else tuple(picked))
-    while out and out[-1] is None:
-        out.pop()
-    return P(*out)
 
 
 def param_specs(mesh, model_cfg: ModelConfig, rules: Mapping[str, Any] | None = None) -> dict:
