@@ -95,7 +95,8 @@ class PretrainTask(engine.Task):
             m = self.eval_fn(params, self.run.place_batch(batch))
             tot += float(m["loss"])
             n += float(m["tokens"])
-        return {"eval_loss": tot / max(n, 1.0)}
+        # No held-out tokens (eval_batches=0, or an empty split): no eval_loss, rather than a loss of 0.
+        return {"eval_loss": tot / n} if n > 0 else {}
 
     def describe(self, row):
         return {"loss": f"{row['loss']:.4f}", "tok_s": f"{row['tokens_per_sec']:,.0f}", "mfu": f"{row['mfu']:.1%}"}

@@ -35,6 +35,7 @@ def test_loss_falls_and_resume_is_exact(tmp_path):
     assert last < first - 1.0, (first, last)  # visibly falls within a few dozen steps
     # the same run interrupted after step 13 (between checkpoints), then started again
     part = tmp_path / "part"
+    assert full[-1]["eval_loss"] > 0 and "eval_loss" not in full[-2]  # evaluated at the last step only
     train(cfg, str(part), stop_after=13)
     assert max(_losses(part)) == 13
     train(cfg, str(part))
@@ -103,7 +104,8 @@ def test_bad_config_and_data_errors_name_the_culprit(tmp_path):
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):
-    train(_cfg("steps=1"), str(tmp_path))
+    rows = train(_cfg("steps=1", "eval_batches=0"), str(tmp_path))
+    assert "eval_loss" not in rows[-1], rows  # no held-out tokens: no eval loss (not a loss of 0)
     with pytest.raises(ConfigError, match=r"changed model.hidden_size \(model.hidden_size: 64 in the workdir, 32 now\)"):
         train(_cfg("steps=1", "model.hidden_size=32"), str(tmp_path))
 
