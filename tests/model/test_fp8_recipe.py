@@ -196,23 +196,50 @@ def test_fp8_off_is_the_unchanged_program():
     assert "f8_e4m3fn" in on
 
 
+def _grad_errors(g0, g1):
+    """{path: (relative error norm, cosine)} per nonzero gradient tensor, and (relative error, cosine)
+    of the whole gradient."""
+    per = {}
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
+        assert b.dtype == a.dtype, path
+        na = float(jnp.linalg.norm(a))
+        if na > 0:
+            per[jax.tree_util.keystr(path)] = (float(jnp.linalg.norm(b - a)) / na,
+                                               float(jnp.vdot(a.ravel(), b.ravel())) / na / float(jnp.linalg.norm(b)))
+    v0, v1 = (jnp.concatenate([t.ravel() for t in jax.tree.leaves(g)]) for g in (g0, g1))
+    whole = float(jnp.linalg.norm(v1 - v0) / jnp.linalg.norm(v0)), float(v0 @ v1 / jnp.linalg.norm(v0) / jnp.linalg.norm(v1))
+    return per, whole
+
+
 @pytest.mark.parametrize("moe_impl", ["blocked", "ragged_dot", pytest.param("dense", marks=pytest.mark.slow)])
-def test_model_fp8_loss_and_grads_near_float32(moe_impl):
+def test_model_fp8_loss_and_grads_near_float32(moe_impl, monkeypatch):
+    """The whole model's loss and gradients with fp8=true against the float32 model (fp8=false: the path
+    checked against HF transformers), in two parts:
+    - the implementation: the same FP8 code path (tiles, scales, custom VJPs, float32 products) with E4M3
+      rounding replaced by bfloat16 rounding must give every gradient tensor within 3% (measured: at most
+      1.0%, the whole gradient 0.64%). A wrong tile, scale or transposed product would show here.
+    - E4M3 itself (the recipe): loss within 1e-3 (measured 1.6e-4); gradient directions kept, whole
+      gradient cosine >= 0.98 (measured 0.9876) and every tensor's >= 0.9 (measured >= 0.946; the largest
+      relative error 33%, the MoE gate's, whose input comes out of FP8 products). E4M3 has 3 mantissa bits;
+      at the embedded default's init (std 0.0625) the layers' outputs are a large part of the residual
+      stream, so their FP8 errors reach the gradient (at init std 0.006 the whole gradient was within 2%)."""
     cfg = _tiny(moe_impl=moe_impl)
     params = init_params(cfg, 0)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, cfg.vocab_size)
     l0, g0 = _loss_and_grads(cfg, params, tokens)
-    l1, g1 = _loss_and_grads(cfg.replace(fp8=True, fp8_impl="emulated"), params, tokens)
+    fp8_cfg = cfg.replace(fp8=True, fp8_impl="emulated")
+    l1, g1 = _loss_and_grads(fp8_cfg, params, tokens)
     assert abs(float(l1) / float(l0) - 1) < 1e-3
-    # every quantized weight's gradient within 25% relative norm (E4M3 products through a 3-layer
-    # model; the expert weights see few tokens each), and the whole gradient within 5%
-    flat0, flat1 = jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)
-    for (path, a), b in zip(flat0, flat1):
-        assert b.dtype == a.dtype, path
-        if float(jnp.linalg.norm(a)) > 0:
-            assert float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a)) < 0.25, path
-    v0, v1 = (jnp.concatenate([t.ravel() for t in jax.tree.leaves(g)]) for g in (g0, g1))
-    assert float(jnp.linalg.norm(v1 - v0) / jnp.linalg.norm(v0)) < 0.05
+    per, (_, cos) = _grad_errors(g0, g1)
+    assert cos > 0.98, cos
+    assert all(c > 0.9 for _, c in per.values()), {k: v for k, v in per.items() if v[1] <= 0.9}
+
+    # quantize() rounds through fp8.to_e4m3, the one place E4M3 is chosen
+    monkeypatch.setattr(fp8, "to_e4m3", lambda x: jnp.clip(x, -fp8.E4M3_MAX, fp8.E4M3_MAX).astype(jnp.bfloat16))
+    _, gb = _loss_and_grads(fp8_cfg, params, tokens)
+    per, (err, _) = _grad_errors(g0, gb)
+    assert err < 0.015, err
+    assert all(e < 0.03 for e, _ in per.values()), {k: v for k, v in per.items() if v[0] >= 0.03}
 
 
 def test_config_switches_and_errors():
