@@ -127,8 +127,8 @@ def expand_scale(scale, tile, shape, keep: int | None = None):
     A broadcast and a reshape (jnp.repeat's fast path), which XLA partitions along a sharded axis. Not
     jnp.repeat(..., total_repeat_length=n): that takes the general path, a gather, and for a gather XLA
     makes the operand whole on every device: on 671B (v5p-512, 4-layer cut) the 128x1 scales of the
-    weight-gradient operands were summed over all 256 chips, f32[32768, C] per product, +126 GiB of
-    all-reduce per chip per step."""
+    weight-gradient operands were summed over all 256 chips, f32[32768, C] per product; with the
+    broadcast, all-reduce per chip per step 307.7 -> 189.5 GiB and temporaries 79.3 -> 69.8 GiB."""
     for ax, t in enumerate(tile):
         if t > 1 and ax != keep:
             scale = jnp.repeat(scale, t, axis=ax)
