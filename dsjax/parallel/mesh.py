@@ -8,9 +8,10 @@ Mesh axes, outermost (slowest network) first:
   tensor  tensor parallelism: attention heads, MLP width and vocabulary split
 Every parameter carries logical axis names as Flax metadata (dsjax.model.layers.param, read back by
 dsjax.model.params.param_specs); dsjax.parallel.rules.RULES maps them to mesh axes, so trying a
-different sharding is editing one mapping. The batch is split over every axis but "tensor". With `mesh.fsdp_over_dcn` the
-state is sharded over the slices as well (`rules_for`): FSDP across slices, so a multislice run holds
-a model that one slice cannot, paying for it with weight gathers and gradient reduce-scatters over DCN.
+different sharding is editing one mapping. The batch is split over every axis but "tensor". With
+`mesh.fsdp_over_dcn` the state is sharded over the slices as well (`rules_for`): FSDP across slices, so
+a multislice run holds a model that one slice cannot, paying for it with weight gathers and gradient
+reduce-scatters over DCN.
 """
 from __future__ import annotations
 
