@@ -459,6 +459,7 @@ def test_scan_keeps_program_size_flat_in_depth():
     assert eight <= 1.3 * two, (two, eight)
 
 
+@pytest.mark.slow  # 15 s of CI: an option that only changes XLA's loop structure (CI time, 2026-11-30)
 def test_scan_unroll_changes_nothing_but_speed():
     """scan_unroll=L (the stack unrolled) gives the scanned model's logits and gradients."""
     from dsjax.config import apply_overrides
