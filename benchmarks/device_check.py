@@ -137,6 +137,36 @@ def check_gmm(dtype):
 
 
 @guarded
+def check_gmm_fp8():
+    """The FP8 grouped kernels (GPUs with FP8 tensor cores only) vs XLA's ragged_dot on the dequantized
+    operands, through dsjax.model.fp8.ragged_matmul: forward, input and weight gradients. Both sides use
+    the same E4M3 values and scales; only float32 summation order differs."""
+    from dsjax.model import fp8
+
+    if not fp8.has_fp8_units(jax.devices()[0].platform, jax.devices()[0].device_kind,
+                             getattr(jax.devices()[0], "compute_capability", None)):
+        print("     (gmm_fp8: this device has no FP8 units; skipped)", flush=True)
+        return
+    sizes = np.array([0, 517, 0, 1203, 31, 2000, 0, 300], np.int32)
+    m, k, n = int(sizes.sum()) + 37, 1000, 384  # k not a multiple of 128: a ragged last scale tile
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(len(sizes), k, n)) / np.sqrt(k), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
+    gs = jnp.asarray(sizes)
+
+    def out_and_grads(x, w, dy, gs, kernel):
+        y, vjp = jax.vjp(lambda a, b: fp8.ragged_matmul(a, b, gs, jnp.float32, kernel), x, w)
+        return (y,) + vjp(dy)
+
+    run = jax.jit(out_and_grads, static_argnums=4)
+    want = run(x, w, dy, gs, "xla")
+    got = run(x, w, dy, gs, "pallas")
+    report("gmm_fp8/tgmm_fp8 out,dx,dw vs ragged_dot on dequantized operands", got[::2], want[::2], "float32")
+    report("gmm_fp8 dx (bfloat16 like x)", got[1], want[1], "bfloat16")
+
+
+@guarded
 def check_model(dtype):
     """Whole model: loss and gradients with both Pallas kernels vs the XLA paths."""
     from dsjax.config import load_config
@@ -175,6 +205,7 @@ def main() -> int:
         check_decode(dtype)
         check_gmm(dtype)
         check_model(dtype)
+    check_gmm_fp8()
     print(f"{'FAILED: ' + ', '.join(FAILED) if FAILED else 'all checks passed'}")
     return 1 if FAILED else 0
 

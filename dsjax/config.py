@@ -96,6 +96,8 @@ class ModelConfig:
     scan_unroll: int = 1
     # DeepSeek-V3's FP8 recipe for the dense projections and expert matmuls (dsjax.model.fp8), and
     # how it runs: auto (native where the device has FP8 units, else emulated) | emulated | native.
+    # The experts' grouped products run natively only with moe_impl pallas (the Pallas FP8 kernels,
+    # CUDA) or blocked (FP8 dots per block); moe_impl ragged_dot's are always emulated.
     fp8: bool = False
     fp8_impl: str = "auto"
     # Expert parallelism: rows each device receives per dispatch round, as a multiple of its mean
@@ -230,8 +232,6 @@ def _validate(c: ModelConfig) -> None:
     need(c.moe_block_size > 0, "moe_block_size", f"must be > 0, got {c.moe_block_size}")
     need(isinstance(c.fp8, bool), "fp8", f"must be true or false, got {c.fp8!r}")
     need(isinstance(c.fsdp_over_dcn, bool), "fsdp_over_dcn", f"must be true or false, got {c.fsdp_over_dcn!r}")
-    need(not (c.fp8 and c.moe_impl == "pallas"), "fp8",
-         "FP8 has no Pallas grouped-matmul kernel yet; use moe_impl blocked or ragged_dot with fp8=true")
     need(c.fp8_impl in ("auto", "emulated", "native"), "fp8_impl", f"must be auto, emulated or native; got {c.fp8_impl!r}")
     need(c.ep_capacity_factor >= 0, "ep_capacity_factor", f"must be >= 0 (0: worst-case buffer), got {c.ep_capacity_factor}")
     need(isinstance(c.scan_unroll, int) and c.scan_unroll >= 1, "scan_unroll", f"must be an integer >= 1, got {c.scan_unroll!r}")

@@ -92,7 +92,12 @@ def _ragged_fp8(lhs, rhs, group_sizes):
     return fp8_lib.ragged_matmul(lhs, rhs, group_sizes, lhs.dtype)
 
 
-def _pallas_gmm(interpret):
+def _pallas_gmm(interpret, fp8: str | None = None):
+    """The Pallas grouped matmul. Under FP8 (fp8.ragged_matmul): pallas_kernels.moe's FP8 kernels where
+    the products are native, XLA's ragged_dot on dequantized operands where they are emulated."""
+    if fp8:
+        kernel = "xla" if fp8 == "emulated" else "pallas_interpret" if interpret else "pallas"
+        return lambda lhs, rhs, gs: fp8_lib.ragged_matmul(lhs, rhs, gs, lhs.dtype, kernel)
     from pallas_kernels.moe import gmm
 
     return lambda lhs, rhs, gs: gmm(lhs, rhs, gs, impl="pallas", interpret=interpret)
@@ -306,7 +311,7 @@ def routed_experts(p: dict, x: jnp.ndarray, w, idx, cfg: ModelConfig, mesh=None)
             tok = jax.sharding.PartitionSpec(token_axes(mesh, x.shape[0]) or None)
             return (jax.sharding.PartitionSpec(), tok, tok, tok), tok
 
-        fn = lambda p, x, w, idx: _experts_grouped(p, x, w, idx, e, _pallas_gmm(cfg.kernel_interpret))
+        fn = lambda p, x, w, idx: _experts_grouped(p, x, w, idx, e, _pallas_gmm(cfg.kernel_interpret, fp8))
         return per_shard(fn, (p, x, w, idx), specs, mesh)
     return _experts_blocked(p, x, w, idx, e, cfg.moe_block_size, fp8=fp8)
 
@@ -321,7 +326,7 @@ def local_experts(p: dict, rows: jnp.ndarray, ids: jnp.ndarray, num_experts: int
     fp8 = fp8_lib.mode(cfg)
     if cfg.moe_impl in ("ragged_dot", "pallas"):
         # ids == num_experts sort last and fall outside every group: the grouped matmul skips them.
-        mm = (_ragged_fp8 if fp8 else _ragged) if cfg.moe_impl == "ragged_dot" else _pallas_gmm(cfg.kernel_interpret)
+        mm = (_ragged_fp8 if fp8 else _ragged) if cfg.moe_impl == "ragged_dot" else _pallas_gmm(cfg.kernel_interpret, fp8)
         return _experts_grouped(p, rows, ones, ids[:, None], num_experts, mm)
     safe = jnp.where(valid, ids, num_experts - 1)[:, None]  # padding rides along in the last expert
     if cfg.moe_impl == "dense":

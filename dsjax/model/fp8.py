@@ -22,7 +22,10 @@ from the backend by `resolve_impl`), never by what the traced function sees:
             partial product scaled by its two tiles' scales and summed in float32: the "promotion every
             128 elements" of V3, written as XLA ops (a batched FP8 dot that XLA lowers to cuBLASLt FP8
             GEMMs on Hopper; FP8 MXUs on TPU7x). Not a fused kernel: the [chunks, rows, out] partials go
-            through memory. The ragged (grouped) expert product has no native form yet and is emulated.
+            through memory.
+The grouped expert product (`ragged_matmul`, moe_impl ragged_dot or pallas) has its own choice: XLA's
+ragged_dot on dequantized operands (emulated, any backend), or pallas_kernels.moe's FP8 grouped kernels
+on CUDA GPUs (Triton; the per-128 promotion in registers, as DeepGEMM does).
 
 Qwix (google/qwix 0.1.8, the quantization library MaxText uses) was considered and not used:
   - its weights are scaled per output channel with optional sub-channel tiles of the contraction axis;
@@ -84,15 +87,21 @@ def mode(cfg) -> str | None:
 
 
 def startup_line(cfg) -> str:
-    """One line for a run's start: whether FP8 is on, and whether it runs natively or emulated here."""
+    """One line for a run's start: whether FP8 is on, whether it runs natively or emulated here, and
+    which kernel the routed experts' grouped products take."""
     if not cfg.fp8:
         return "fp8: off (bf16/fp32 matmuls)"
     d = jax.devices()[0]
     how = resolve_impl(cfg.fp8_impl, d)
     units = "has FP8 units" if has_fp8_units(d.platform, d.device_kind, getattr(d, "compute_capability", None)) \
         else "has no FP8 units"
+    pallas = "XLA ragged_dot, emulated" if how == "emulated" else \
+        "XLA ragged_dot, emulated (no Mosaic FP8 kernel)" if d.platform == "tpu" else "the Pallas FP8 grouped kernels"
+    experts = {"pallas": pallas,
+               "ragged_dot": "XLA ragged_dot, emulated",
+               "blocked": f"{how} FP8 dots per expert block", "dense": f"{how} FP8 dots"}.get(cfg.moe_impl, cfg.moe_impl)
     return (f"fp8: on (E4M3, 1x128 activation tiles, 128x128 weight blocks), {how} on {d.platform} "
-            f"({d.device_kind}, which {units})")
+            f"({d.device_kind}, which {units}); routed experts: {experts}")
 
 
 # --- quantize / dequantize ----------------------------------------------------------------------------
@@ -232,33 +241,87 @@ def batched_matmul(x: jnp.ndarray, w: jnp.ndarray, impl: str, out_dtype=None) ->
     return _matmul(x, w, impl, jnp.dtype(out_dtype or x.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def ragged_matmul(x, w, group_sizes, out_dtype):
-    """FP8 grouped matmul: rows of x [rows, in] in consecutive groups, group g times w[g] [in, out].
-    Always emulated (see the module docstring). Weight-gradient tiles of 128 rows may straddle two
-    experts' groups: their scale is then shared by two experts' rows (coarser, still exact to dequantize)."""
-    return _ragged_fwd(x, w, group_sizes, out_dtype)[0]
+GROUPED_KERNELS = ("xla", "pallas", "pallas_interpret")
 
 
-def _ragged_fwd(x, w, group_sizes, out_dtype):
-    tx, tw = tiles_along(2, -1), weight_blocks(3)
-    wd = dequantize(*quantize(w, tw), tw)
-    y = jax.lax.ragged_dot(dequantize(*quantize(x, tx), tx), wd, group_sizes, preferred_element_type=jnp.float32)
-    return y.astype(out_dtype), (x, wd, group_sizes, jnp.zeros((), w.dtype))
+def ragged_matmul(x, w, group_sizes, out_dtype, kernel: str = "xla"):
+    """FP8 grouped matmul: rows of x [rows, in] in consecutive groups, group g times w[g] [in, out];
+    rows at or past sum(group_sizes) give zeros. Weight-gradient tiles of 128 rows may straddle two
+    experts' groups: their scale is then shared by two experts' rows (coarser, still exact to dequantize).
+
+    kernel: who runs the three products (forward, input gradient, weight gradient):
+      "xla"               emulated: dequantize to float32 and XLA's ragged_dot, on any backend;
+      "pallas"            pallas_kernels.moe's FP8 grouped kernels (E4M3 tensor-core products with the
+                          scales applied every 128 elements) when lowered for CUDA; emulated when lowered
+                          for TPU (no Mosaic FP8 kernel; v4-v6e have no FP8 units); an error for CPU;
+      "pallas_interpret"  the CUDA kernels in the Pallas interpreter (CPU tests)."""
+    if kernel not in GROUPED_KERNELS:
+        raise ValueError(f"ragged_matmul: kernel must be one of {GROUPED_KERNELS}, got {kernel!r}")
+    return _ragged(x, w, group_sizes, jnp.dtype(out_dtype), kernel)
 
 
-def _ragged_bwd(out_dtype, res, dy):
-    x, wd, group_sizes, w_dtype = res
+def _emulated_gmm(qa, sa, qw, sw, group_sizes, transpose_rhs=False):
+    wd = dequantize(qw, sw, weight_blocks(3))
+    wd = jnp.swapaxes(wd, 1, 2) if transpose_rhs else wd
+    a = dequantize(qa, sa, tiles_along(2, -1))
+    return jax.lax.ragged_dot(a, wd, group_sizes, preferred_element_type=jnp.float32)
+
+
+def _emulated_tgmm(qa, sa, qb, sb, group_sizes):
+    rows = tiles_along(2, -2)
+    dims = jax.lax.RaggedDotDimensionNumbers(  # ragged contraction: the rows of both, one output per group
+        dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    return jax.lax.ragged_dot_general(dequantize(qa, sa, rows), dequantize(qb, sb, rows), group_sizes, dims,
+                                      preferred_element_type=jnp.float32)
+
+
+def _grouped_products(kernel: str):
+    """(gmm(qa, sa, qw, sw, gs, transpose_rhs), tgmm(qa, sa, qb, sb, gs)) for one ragged_matmul kernel."""
+    if kernel == "xla":
+        return _emulated_gmm, _emulated_tgmm
+    from pallas_kernels import moe  # lazily: it pulls in the Pallas backends
+
+    interpret = kernel == "pallas_interpret"
+
+    def gmm(qa, sa, qw, sw, gs, transpose_rhs=False):
+        pallas = functools.partial(moe.gmm_fp8, transpose_rhs=transpose_rhs, interpret=interpret)
+        if interpret:
+            return pallas(qa, sa, qw, sw, gs)
+        return jax.lax.platform_dependent(qa, sa, qw, sw, gs, tpu=functools.partial(
+            _emulated_gmm, transpose_rhs=transpose_rhs), default=pallas)
+
+    def tgmm(qa, sa, qb, sb, gs):
+        pallas = functools.partial(moe.tgmm_fp8, interpret=interpret)
+        if interpret:
+            return pallas(qa, sa, qb, sb, gs)
+        return jax.lax.platform_dependent(qa, sa, qb, sb, gs, tpu=_emulated_tgmm, default=pallas)
+
+    return gmm, tgmm
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _ragged(x, w, group_sizes, out_dtype, kernel):
+    return _ragged_fwd(x, w, group_sizes, out_dtype, kernel)[0]
+
+
+def _ragged_fwd(x, w, group_sizes, out_dtype, kernel):
+    gmm, _ = _grouped_products(kernel)
+    qw, sw = quantize(w, weight_blocks(3))
+    y = gmm(*quantize(x, tiles_along(2, -1)), qw, sw, group_sizes)
+    # the weight is saved as E4M3 + block scales (1 byte per element, not a float32 copy)
+    return y.astype(out_dtype), (x, qw, sw, group_sizes, jnp.zeros((), w.dtype))
+
+
+def _ragged_bwd(out_dtype, kernel, res, dy):
+    x, qw, sw, group_sizes, w_dtype = res
+    gmm, tgmm = _grouped_products(kernel)
     along_out, along_rows = tiles_along(2, -1), tiles_along(2, -2)
-    f = lambda a, b: jax.lax.ragged_dot(a, b, group_sizes, preferred_element_type=jnp.float32)
-    dyq = dequantize(*quantize(dy, along_out), along_out)
-    dx = f(dyq, jnp.swapaxes(wd, 1, 2))  # dY W_g^T per group (typed by dy: inside shard_map it varies as x)
-    xr = dequantize(*quantize(x, along_rows), along_rows)
-    (dw,) = jax.vjp(lambda b: f(xr, b), wd)[1](dequantize(*quantize(dy, along_rows), along_rows))
+    dx = gmm(*quantize(dy, along_out), qw, sw, group_sizes, True)  # dY W_g^T per group
+    dw = tgmm(*quantize(x, along_rows), *quantize(dy, along_rows), group_sizes)
     return dx.astype(x.dtype), dw.astype(w_dtype.dtype), np.zeros(group_sizes.shape, jax.dtypes.float0)
 
 
-ragged_matmul.defvjp(_ragged_fwd, _ragged_bwd)
+_ragged.defvjp(_ragged_fwd, _ragged_bwd)
 
 
 # --- FP8 rows over the network (the MoE dispatch) ----------------------------------------------------

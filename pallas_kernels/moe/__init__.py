@@ -20,6 +20,12 @@ impl:
                 batch-matmul with each block's expert weights: O(m + groups * block) work. The
                 fastest path on CPU (benchmarks/moe_kernels.py).
 Routing and permutation are XLA on every backend; routing.py's docstring says why.
+
+`gmm_fp8` / `tgmm_fp8`: the same two products on E4M3 operands with DeepSeek-V3's tile scales, for GPUs
+with FP8 tensor cores (gpu_fp8.py; Triton). No VJP: dsjax.model.fp8 composes the three products of a
+training step (each operand quantized along its own contraction axis). Lowered for CUDA they are the
+kernels; with interpret=True the GPU kernel runs in the Pallas interpreter; lowered for anything else
+they raise PallasUnavailableError (there is no Mosaic FP8 kernel: the TPUs in use have no FP8 units).
 """
 import functools
 from typing import Literal, Optional
@@ -32,7 +38,7 @@ from pallas_kernels.moe.permute import permute, unpermute_combine
 from pallas_kernels.moe.routing import Routing, gate_logits, route
 from pallas_kernels.unavailable import PallasUnavailableError, unavailable
 
-__all__ = ["gmm", "tgmm", "route", "gate_logits", "Routing", "permute", "unpermute_combine",
+__all__ = ["gmm", "tgmm", "gmm_fp8", "tgmm_fp8", "route", "gate_logits", "Routing", "permute", "unpermute_combine",
            "PallasUnavailableError"]
 
 Impl = Literal["auto", "pallas", "xla", "xla_blocked"]
@@ -155,3 +161,27 @@ def tgmm(lhs, dout, group_sizes, *, impl: Impl = "auto", interpret: bool = False
     """out[g] = lhs[rows of g]^T @ dout[rows of g] -> [groups, k, n] float32 (gmm's rhs gradient)."""
     _, tgmm_fn = _kernels(impl, interpret, interpret_kernel, tiling, block)
     return tgmm_fn(lhs, dout, group_sizes)
+
+
+def gmm_fp8(lhs, lhs_scale, rhs, rhs_scale, group_sizes, *, transpose_rhs: bool = False, interpret: bool = False):
+    """FP8 grouped matmul -> float32: see gpu_fp8.gmm_fp8 for the operands and their scale shapes."""
+    from pallas_kernels.moe import gpu_fp8
+
+    kernel = functools.partial(gpu_fp8.gmm_fp8, transpose_rhs=transpose_rhs, interpret=interpret)
+    if interpret:
+        return kernel(lhs, lhs_scale, rhs, rhs_scale, group_sizes)
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    missing = lambda l, *_: unavailable(l, (l.shape[0], n), jnp.float32, "gmm_fp8")
+    return jax.lax.platform_dependent(lhs, lhs_scale, rhs, rhs_scale, group_sizes, cuda=kernel, default=missing)
+
+
+def tgmm_fp8(lhs, lhs_scale, dout, dout_scale, group_sizes, *, interpret: bool = False):
+    """FP8 out[g] = lhs[rows of g]^T @ dout[rows of g] -> [groups, k, n] float32: see gpu_fp8.tgmm_fp8."""
+    from pallas_kernels.moe import gpu_fp8
+
+    kernel = functools.partial(gpu_fp8.tgmm_fp8, interpret=interpret)
+    if interpret:
+        return kernel(lhs, lhs_scale, dout, dout_scale, group_sizes)
+    shape = (group_sizes.shape[0], lhs.shape[1], dout.shape[1])
+    missing = lambda l, *_: unavailable(l, shape, jnp.float32, "tgmm_fp8")
+    return jax.lax.platform_dependent(lhs, lhs_scale, dout, dout_scale, group_sizes, cuda=kernel, default=missing)

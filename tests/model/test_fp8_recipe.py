@@ -248,8 +248,7 @@ def test_config_switches_and_errors():
     assert fp8.mode(_tiny()) is None
     with pytest.raises(ConfigError, match="fp8_impl"):
         _tiny(fp8_impl="fast")
-    with pytest.raises(ConfigError, match="fp8"):
-        _tiny(fp8=True, moe_impl="pallas")
+    assert _tiny(fp8=True, moe_impl="pallas").fp8  # the Pallas FP8 grouped kernels (tests/kernels)
 
 
 def test_backends_with_fp8_units_and_the_startup_line():
@@ -259,6 +258,9 @@ def test_backends_with_fp8_units_and_the_startup_line():
     assert not fp8.has_fp8_units("tpu", "TPU v6 lite") and not fp8.has_fp8_units("cpu", "cpu")
     line = fp8.startup_line(_tiny(fp8=True))
     assert line.startswith("fp8: on") and "emulated on cpu" in line
+    assert line.endswith("routed experts: emulated FP8 dots per expert block")
+    line = fp8.startup_line(_tiny(fp8=True, fp8_impl="native", moe_impl="pallas"))
+    assert "native on cpu" in line and line.endswith("routed experts: the Pallas FP8 grouped kernels")
     assert fp8.startup_line(_tiny()).startswith("fp8: off")
 
 
