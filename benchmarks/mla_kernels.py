@@ -8,7 +8,9 @@ pure-jnp reference (what impl="auto" runs there) against XLA's fused dot_product
 zero-padded to qk_dim, as that API requires equal head dims) and prints ms and the ratio. On an
 accelerator it reports prefill forward / forward+backward TFLOP/s of the Pallas kernel and of the
 XLA reference against the bf16 peak (published: H100 989 TF, v5p 459, v6e 918) and decode
-GB/s against HBM bandwidth (H100 3.35 TB/s, H200 4.8). FLOPs count the causal half: forward
+GB/s against HBM bandwidth (H100 3.35 TB/s, H200 4.8). With tokamax installed (`pip install
+tokamax`), its dot_product_attention (its own choice of implementation) is timed too, and every prefill
+line gives its speed relative to it. FLOPs count the causal half: forward
 2*b*h*s^2/2*(qk+v), backward 2*b*h*s^2/2*(3*qk+2*v) (recomputed q.k, dp, dv, dk, dq).
 """
 import argparse
@@ -84,6 +86,13 @@ def main():
         for spec in args.blocks:
             tiles = BlockSizes(*(int(x) for x in spec.split(",")))
             paths[f"pallas {spec}"] = functools.partial(mla_attention, impl="pallas", block_sizes=tiles)
+    try:
+        import tokamax
+        from absl import flags
+        flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags, which would otherwise parse our argv
+        paths["tokamax"] = lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True)
+    except ImportError:
+        print("tokamax is not installed: no tokamax comparison")
     for phase in ("fwd", "fwd+bwd"):
         results = {}
         for name, attn in paths.items():
@@ -95,6 +104,8 @@ def main():
         base = results["reference"]
         for name, sec in results.items():
             line = f"  {phase:8s} {name:10s} {sec * 1e3:9.2f} ms  x{base / sec:5.2f} vs reference"
+            if "tokamax" in results:
+                line += f"  x{results['tokamax'] / sec:5.2f} vs tokamax"
             if peak_flops:
                 tf = flops[phase] / sec
                 line += f"  {tf / 1e12:7.1f} TFLOP/s ({100 * tf / peak_flops:.1f}% of peak)"

@@ -5,8 +5,11 @@
 
 Group sizes come from real routing (route() on random gate logits, V3 gate), so they are uneven.
 Each row: median wall time of the jitted forward (and forward+backward), TFLOP/s counting only the
-useful 2*m*k*n, and the ratio to the dense matmul [m, k] @ [k, n] (the roofline a perfect grouped
-kernel would match). On GPU/TPU the peak is the published bf16 number (H100/H200 989 TF).
+useful 2*m*k*n, the ratio to the dense matmul [m, k] @ [k, n] (the roofline a perfect grouped
+kernel would match) and, when tokamax is installed (`pip install tokamax`, a maintained Pallas kernel
+library), the ratio to tokamax.ragged_dot (its own choice of implementation: Triton on GPUs, Mosaic on
+TPUs, XLA elsewhere), forward and forward+backward. On GPU/TPU the peak is the published bf16 number
+(H100/H200 989 TF).
 """
 import argparse
 import functools
@@ -84,36 +87,51 @@ def main():
                          for spec in args.tilings},
                       "jax.lax.ragged_dot": candidates["jax.lax.ragged_dot"]}
 
+    try:  # tokamax second, so that every later row has its ratio to it
+        import tokamax
+        from absl import flags
+        flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags, which would otherwise parse our argv
+        dense = candidates.pop("dense matmul (same FLOPs)")
+        candidates = {"dense matmul (same FLOPs)": dense,
+                      "tokamax.ragged_dot": lambda a, b, g: tokamax.ragged_dot(a, b, g), **candidates}
+    except ImportError:
+        print("tokamax is not installed: no tokamax column")
     peak = PEAK_TFLOPS.get(backend)
-    dense_t = None  # the first candidate (dense) is the ratio's base
-    print(f"{'impl':34s} {'fwd ms':>9s} {'TF/s':>7s} {'vs dense':>8s}"
-          + ("" if args.no_backward else f" {'fwd+bwd ms':>11s} {'TF/s':>7s}")
+    base = {}  # forward / forward+backward seconds of "dense" and "tokamax", the ratios' bases
+    print(f"{'impl':34s} {'fwd ms':>9s} {'TF/s':>7s} {'vs dense':>8s} {'vs tokamax':>10s}"
+          + ("" if args.no_backward else f" {'fwd+bwd ms':>11s} {'TF/s':>7s} {'vs dense':>8s} {'vs tokamax':>10s}")
           + ("" if peak is None else f" {'% peak':>7s}"))
     for name, fn in candidates.items():
         try:
-            row = _row(name, fn, lhs, rhs, group_sizes, flops, peak, args, dense_t)
+            row, times = _row(name, fn, lhs, rhs, group_sizes, flops, peak, args, base)
         except Exception as e:  # one impl failing (e.g. out of memory) must not hide the others
             print(f"{name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
             continue
-        dense_t = dense_t or row[1]
-        print(row[0], flush=True)
+        for kind in ("dense", "tokamax"):
+            if name.startswith(kind):
+                base[kind] = times
+        print(row, flush=True)
 
 
 def _pallas_tiled(a, b, g, spec):
     return gmm(a, b, g, impl="pallas", tiling=tuple(int(x) for x in spec.split(",")))
 
 
-def _row(name, fn, lhs, rhs, group_sizes, flops, peak, args, dense_t):
-    """(printed row, forward seconds) of one candidate."""
+def _row(name, fn, lhs, rhs, group_sizes, flops, peak, args, base):
+    """(printed row, (forward, forward+backward seconds)) of one candidate; ratios to base's rows
+    ("-" where a base is missing: itself, or tokamax not installed)."""
+    ratio = lambda kind, i, t: f"{base[kind][i] / t:.2f}" if kind in base and base[kind][i] else "-"
     t = _time(jax.jit(fn), lhs, rhs, group_sizes, reps=args.reps)
-    row = f"{name:34s} {t * 1e3:9.2f} {flops / t / 1e12:7.3f} {(dense_t or t) / t:8.2f}"
+    row = f"{name:34s} {t * 1e3:9.2f} {flops / t / 1e12:7.3f} {ratio('dense', 0, t):>8s} {ratio('tokamax', 0, t):>10s}"
+    tb = None
     if not args.no_backward:
         loss = lambda a, b, g: jnp.sum(fn(a, b, g).astype(jnp.float32))
         tb = _time(jax.jit(jax.value_and_grad(loss, (0, 1))), lhs, rhs, group_sizes, reps=args.reps)
-        row += f" {tb * 1e3:11.2f} {3 * flops / tb / 1e12:7.3f}"
+        row += (f" {tb * 1e3:11.2f} {3 * flops / tb / 1e12:7.3f} {ratio('dense', 1, tb):>8s}"
+                f" {ratio('tokamax', 1, tb):>10s}")
     if peak is not None:
         row += f" {100 * flops / t / 1e12 / peak:6.1f}%"
-    return row, t
+    return row, (t, tb)
 
 
 if __name__ == "__main__":

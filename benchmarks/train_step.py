@@ -7,6 +7,7 @@ Hugging Face transformers training the same DeepseekV3 architecture on torch CPU
     python benchmarks/train_step.py --moe-impls blocked,dense,ragged_dot   # compare expert paths
     JAX_PLATFORMS=cuda python benchmarks/train_step.py --config small_moe --no-hf --dtype bfloat16 \
         --attention-impl pallas --moe-impls pallas,blocked                # a GPU
+    ... --moe-impls pallas,blocked --fp8 both     # each expert path with model.fp8 off and on, and the ratio
 
 Prints per implementation: seconds per step (best of --steps after a compiled warm-up), tokens/s, the
 model FLOPs per token (6 x active params + attention, as dsjax train's MFU) and MFU against the peak
@@ -38,8 +39,8 @@ def _batches(cfg, batch, seq, n, seed=0):
     return [rng.integers(3, cfg.vocab_size, (batch, seq)).astype(np.int32) for _ in range(n)]
 
 
-def bench_dsjax(cfg, batch, seq, steps, moe_impl, dtype="float32", attention_impl="xla"):
-    cfg = cfg.replace(moe_impl=moe_impl, dtype=dtype, attention_impl=attention_impl)
+def bench_dsjax(cfg, batch, seq, steps, moe_impl, dtype="float32", attention_impl="xla", fp8=False):
+    cfg = cfg.replace(moe_impl=moe_impl, dtype=dtype, attention_impl=attention_impl, fp8=fp8)
     tcfg = TrainConfig(model=cfg, batch_size=batch, seq_len=seq, lr=1e-3, warmup_steps=1, mtp_lambda=0.0)
     state = init_state(init_params(cfg, 0), tcfg)
     step = jit_step(make_train_step(cfg, tcfg), donate_argnums=0)
@@ -93,6 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", help="dsjax compute dtype (bfloat16 on accelerators; "
                     "the HF baseline always trains float32)")
     ap.add_argument("--attention-impl", default="xla", choices=("xla", "pallas"))
+    ap.add_argument("--fp8", default="off", choices=("off", "on", "both"),
+                    help="model.fp8 (DeepSeek-V3's FP8 recipe; native where the device has FP8 units); both: "
+                    "each expert path twice and the FP8 speed-up")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the HF baseline")
     a = ap.parse_args(argv)
 
@@ -110,11 +114,19 @@ def run_config(name, a, peak):
     fpt = train_flops_per_token(cfg.replace(num_nextn_predict_layers=0), a.seq, with_mtp=False)
     print(f"{name}: batch {a.batch} x {a.seq} = {tokens} tokens/step, {fpt / 1e6:.1f} MFLOP/token")
     rows = []
+    fp8s = {"off": (False,), "on": (True,), "both": (False, True)}[a.fp8]
     for impl in a.moe_impls.split(","):
-        sec, comp, losses = bench_dsjax(cfg, a.batch, a.seq, a.steps, impl, a.dtype, a.attention_impl)
-        rows.append((f"dsjax moe_impl={impl}", sec, losses))
-        print(f"  dsjax {impl:<12} {sec:7.3f} s/step  {tokens / sec:9,.0f} tok/s  MFU {fpt * tokens / sec / peak:6.1%}"
-              f"  (compile {comp:.1f} s; loss {losses[0]:.3f} -> {losses[-1]:.3f})", flush=True)
+        secs = []
+        for fp8 in fp8s:
+            sec, comp, losses = bench_dsjax(cfg, a.batch, a.seq, a.steps, impl, a.dtype, a.attention_impl, fp8)
+            secs.append(sec)
+            rows.append((f"dsjax moe_impl={impl}" + (" fp8" if fp8 else ""), sec, losses))
+            label = impl + (" fp8" if fp8 else "")
+            print(f"  dsjax {label:<16} {sec:7.3f} s/step  {tokens / sec:9,.0f} tok/s  MFU "
+                  f"{fpt * tokens / sec / peak:6.1%}  (compile {comp:.1f} s; loss {losses[0]:.3f} -> {losses[-1]:.3f})",
+                  flush=True)
+        if len(secs) == 2:
+            print(f"  dsjax {impl}: FP8 step speed-up {secs[0] / secs[1]:.2f}x", flush=True)
     if not a.no_hf:
         import torch
         import transformers
