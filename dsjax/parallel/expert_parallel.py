@@ -21,6 +21,7 @@ Routing (the gate) and the shared experts stay outside: they are ordinary sharde
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +199,30 @@ def gather_weight(a, split: dict[int, tuple[str, ...]], dtype):
     back reduce-scattered: the entry's transpose is an all-reduce of the whole gradient over the same
     axes, sliced afterwards (twice the bytes, and the whole gradient on every device). Gathered in the
     parameter's dtype, so the gradient is summed in it (float32) too."""
-    for dim, names in sorted(split.items()):
-        a = jax.lax.all_gather(a, names, axis=dim, tiled=True)
+    for dim, names in sorted(split.items()):  # (at most one: the hidden dimension)
+        a = _gather_slow_axes_first(a, names, dim, dtype)
     return a.astype(dtype)
+
+
+def _gather_slow_axes_first(a, names: tuple[str, ...], dim: int, dtype):
+    """all_gather(a, names, axis=dim, tiled=True).astype(dtype), with the axes gathered one at a time,
+    the first (outermost: "dcn" before "fsdp") first, then cast, and the blocks put back in the stored
+    order by a local transpose. The transpose of this is a reduce-scatter over the last axis on the
+    whole gradient (inside a slice), then over the first on what is left. Gathered in one call over
+    ("dcn", "fsdp"), XLA:TPU lowered its transpose as an all-reduce over "fsdp" (twice a reduce-scatter's
+    bytes, the whole gradient on every chip) and a slice. 671B on two v6e-256 slices (launch/README.md):
+    135 GiB of all-reduce per chip per step -> 68 GiB of reduce-scatter, estimate 9.20 -> 9.03 s not overlapped,
+    29.91 -> 29.50 GiB per chip; the local transpose adds ~1% of HBM traffic."""
+    if len(names) == 1:
+        return jax.lax.all_gather(a, names[0], axis=dim, tiled=True)
+    for name in names:  # the stored order is names[0] major; gathering in order makes it minor
+        a = jax.lax.all_gather(a, name, axis=dim, tiled=True)
+    a = a.astype(dtype)
+    sizes = [jax.lax.axis_size(n) for n in names]
+    shard = a.shape[dim] // math.prod(sizes)
+    # blocks are now indexed [i_last, ..., i_first]: reverse to [i_first, ..., i_last]
+    a = a.reshape(*a.shape[:dim], *sizes[::-1], shard, *a.shape[dim + 1:])
+    k = len(names)
+    perm = list(range(dim)) + [dim + k - 1 - i for i in range(k)] + list(range(dim + k, a.ndim))
+    a = jnp.transpose(a, perm)
+    return a.reshape(*a.shape[:dim], -1, *a.shape[dim + k + 1:])  # blocks and shard: one axis again

@@ -6,6 +6,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -124,3 +125,33 @@ def test_expert_stacks_do_not_cross_the_slices_whole():
     assert any(kind == "all-gather" for kind, *_ in sites)  # the per-layer weight gathers are there
     whole = [s for s in sites if s[1].split("[")[1].startswith(f"{layers},")]
     assert not whole, whole
+
+
+def test_weight_gathered_one_axis_at_a_time_is_the_stored_weight():
+    """gather_weight over ("dcn", "fsdp") gathers "dcn" first, then "fsdp", and transposes the blocks
+    back into the stored order: the same weight as one all_gather over both axes, and its gradient (a
+    reduce-scatter over "fsdp", then over "dcn") the same as that gather's, against numpy."""
+    from dsjax.parallel.expert_parallel import gather_weight
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("dcn", "fsdp"))
+    names = ("dcn", "fsdp")
+    w = jax.random.normal(jax.random.key(1), (3, 16, 5))  # [experts, hidden (split 8 ways), out]
+    t = jax.random.normal(jax.random.key(2), (8, 3, 16, 5))  # one factor per device
+
+    def run(gather):
+        def body(a, tt):  # a device's loss: its gathered weight against its own factor
+            g = gather(a)
+            return jnp.sum(g * tt[0] * jnp.sin(g)).reshape(1), g[None]
+        f = jax.shard_map(body, mesh=mesh, in_specs=(P(None, names), P(names)), out_specs=(P(names), P(names)))
+        whole = jax.jit(lambda a, tt: f(a, tt)[1])(w, t)
+        grad = jax.jit(jax.grad(lambda a, tt: f(a, tt)[0].sum()))(w, t)
+        return whole, grad
+
+    whole, grad = run(lambda a: gather_weight(a, {1: names}, jnp.float32))
+    whole1, grad1 = run(lambda a: jax.lax.all_gather(a, names, axis=1, tiled=True))
+    np.testing.assert_array_equal(np.asarray(whole), np.broadcast_to(np.asarray(w), (8, 3, 16, 5)))
+    np.testing.assert_array_equal(np.asarray(whole), np.asarray(whole1))
+    wn, tn = np.asarray(w, np.float64), np.asarray(t, np.float64)
+    want = (tn * (np.sin(wn) + wn * np.cos(wn))).sum(0)  # d/dw of sum_devices t_d * w * sin(w)
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(grad1), rtol=1e-5, atol=1e-6)
