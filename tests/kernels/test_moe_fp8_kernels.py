@@ -157,16 +157,18 @@ def test_on_tpu_the_pallas_kernel_choice_runs_emulated():
 
 def test_model_with_the_pallas_fp8_kernels_equals_the_emulated_model():
     """moe_impl=pallas (the FP8 kernels, interpreted) vs moe_impl=ragged_dot (XLA on dequantized
-    operands), both with fp8 native for the dense projections: the same loss and gradients up to float32
-    summation order. The routed experts' gradients agree to 1e-4 (measured 3.4e-6); elsewhere a few
-    E4M3 roundings of gradients flowing back flip with the summation order, each moving a term by up to
-    2^-4 of itself, so 1e-2 (measured: 7.6e-4 on q_a_proj, <= 1.1e-6 on the rest); a wrong scale or
-    tile would be off by O(1)."""
+    operands), both with fp8 native for the dense projections, on one MoE layer: the same loss and every
+    gradient within 1e-5 (relative Frobenius; measured <= 3.3e-7). With more layers a float32 summation
+    difference can flip an E4M3 rounding that later layers compound (measured on the 3-layer model: the
+    routed experts' gradients 3.4e-6, q_a_proj 7.6e-4); the expert-parallel version of this check
+    (tests/parallel/test_expert_parallel.py, slow) bounds the whole model that way."""
     from dsjax.config import load_config
     from dsjax.model.params import init_params
     from dsjax.model.transformer import forward
 
-    cfg = load_config("configs/tiny.yaml").replace(fp8=True)
+    # one MoE layer, no MTP: the path under test, at a third of the compile time
+    cfg = load_config("configs/tiny.yaml").replace(fp8=True, num_hidden_layers=1, first_k_dense_replace=0,
+                                                   num_nextn_predict_layers=0)
     params = init_params(cfg, 0)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 33), 0, cfg.vocab_size)
 
@@ -184,4 +186,4 @@ def test_model_with_the_pallas_fp8_kernels_equals_the_emulated_model():
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g0)[0], jax.tree.leaves(g1)):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         err = np.linalg.norm(a - b) / (np.linalg.norm(a) + 1e-30)
-        assert err <= (1e-4 if "['experts']" in jax.tree_util.keystr(path) else 1e-2), (jax.tree_util.keystr(path), err)
+        assert err <= 1e-5, (jax.tree_util.keystr(path), err)

@@ -211,7 +211,9 @@ def _grad_errors(g0, g1):
     return per, whole
 
 
-@pytest.mark.parametrize("moe_impl", ["blocked", "ragged_dot", pytest.param("dense", marks=pytest.mark.slow)])
+# ragged_dot and dense in the slow set for CI time (the grouped FP8 product: tests/kernels/test_moe_fp8_kernels.py)
+@pytest.mark.parametrize("moe_impl", ["blocked", pytest.param("ragged_dot", marks=pytest.mark.slow),
+                                      pytest.param("dense", marks=pytest.mark.slow)])
 def test_model_fp8_loss_and_grads_near_float32(moe_impl, monkeypatch):
     """The whole model's loss and gradients with fp8=true against the float32 model (fp8=false: the path
     checked against HF transformers), in two parts:

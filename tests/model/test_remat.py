@@ -61,7 +61,8 @@ def test_policy_compiles_for_tpu(policy):
     from dsjax.train.config import load_train_config
 
     tcfg = load_train_config("configs/tiny.yaml", ["mesh.fsdp=4", "batch_size=4", "seq_len=32",
-                                                   f"model.remat_policy={policy}"])
+                                                   f"model.remat_policy={policy}", "model.num_hidden_layers=2",
+                                                   "model.num_nextn_predict_layers=0"])  # a dense + a MoE layer
     rep = aot.compile_report(tcfg, "v5p:2x2x1")
     assert rep.compiled and rep.fits
     assert (rep.host_temp_bytes > 0) == (policy == "offload_inputs")

@@ -36,7 +36,8 @@ def setup():
 
 
 @pytest.mark.parametrize("factor, skew, mcfg, impl", [
-    (1.0, False, pm.MeshConfig(fsdp=1, expert=8), "blocked"),  # near balance: 1-2 rounds
+    # near balance, 1-2 rounds: in the slow set for CI time (the skewed case runs the same mesh)
+    pytest.param(1.0, False, pm.MeshConfig(fsdp=1, expert=8), "blocked", marks=pytest.mark.slow),
     (0.25, False, pm.MeshConfig(fsdp=2, expert=4), "blocked"),  # many rounds
     (1.0, True, pm.MeshConfig(fsdp=1, expert=8), "blocked"),  # all rows to two devices: 4 rounds
     (1.25, True, pm.MeshConfig(fsdp=2, expert=4), "ragged_dot"),

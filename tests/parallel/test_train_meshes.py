@@ -28,8 +28,8 @@ def one_device(tmp_path_factory):
     return _losses(wd)
 
 
-@pytest.mark.parametrize("mesh", [
-    ["mesh.fsdp=1", "mesh.expert=8"],
+@pytest.mark.parametrize("mesh", [  # expert8 in the slow set for CI time (tests/parallel/test_expert_parallel.py has it)
+    pytest.param(["mesh.fsdp=1", "mesh.expert=8"], marks=pytest.mark.slow),
     ["mesh.fsdp=2", "mesh.expert=4"],
     ["mesh.fsdp=1", "mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
 ], ids=["expert8", "fsdp2xexpert4", "data2xexpert2xtensor2"])
