@@ -268,35 +268,28 @@ def _emulated_gmm(qa, sa, qw, sw, group_sizes, transpose_rhs=False):
 
 
 def _emulated_tgmm(qa, sa, qb, sb, group_sizes):
+    from pallas_kernels.moe import tgmm  # XLA's ragged_dot_general with ragged contraction (impl "xla")
+
     rows = tiles_along(2, -2)
-    dims = jax.lax.RaggedDotDimensionNumbers(  # ragged contraction: the rows of both, one output per group
-        dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-    return jax.lax.ragged_dot_general(dequantize(qa, sa, rows), dequantize(qb, sb, rows), group_sizes, dims,
-                                      preferred_element_type=jnp.float32)
+    return tgmm(dequantize(qa, sa, rows), dequantize(qb, sb, rows), group_sizes, impl="xla")
 
 
 def _grouped_products(kernel: str):
     """(gmm(qa, sa, qw, sw, gs, transpose_rhs), tgmm(qa, sa, qb, sb, gs)) for one ragged_matmul kernel."""
     if kernel == "xla":
         return _emulated_gmm, _emulated_tgmm
-    from pallas_kernels import moe  # lazily: it pulls in the Pallas backends
+    from pallas_kernels import moe
 
     interpret = kernel == "pallas_interpret"
 
+    def on_cuda(pallas, emulated):  # interpreted: the kernel; else the kernel lowered for CUDA, XLA for TPU
+        return pallas if interpret else lambda *a: jax.lax.platform_dependent(*a, tpu=emulated, default=pallas)
+
     def gmm(qa, sa, qw, sw, gs, transpose_rhs=False):
-        pallas = functools.partial(moe.gmm_fp8, transpose_rhs=transpose_rhs, interpret=interpret)
-        if interpret:
-            return pallas(qa, sa, qw, sw, gs)
-        return jax.lax.platform_dependent(qa, sa, qw, sw, gs, tpu=functools.partial(
-            _emulated_gmm, transpose_rhs=transpose_rhs), default=pallas)
+        return on_cuda(functools.partial(moe.gmm_fp8, transpose_rhs=transpose_rhs, interpret=interpret),
+                       functools.partial(_emulated_gmm, transpose_rhs=transpose_rhs))(qa, sa, qw, sw, gs)
 
-    def tgmm(qa, sa, qb, sb, gs):
-        pallas = functools.partial(moe.tgmm_fp8, interpret=interpret)
-        if interpret:
-            return pallas(qa, sa, qb, sb, gs)
-        return jax.lax.platform_dependent(qa, sa, qb, sb, gs, tpu=_emulated_tgmm, default=pallas)
-
-    return gmm, tgmm
+    return gmm, on_cuda(functools.partial(moe.tgmm_fp8, interpret=interpret), _emulated_tgmm)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -29,16 +29,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.mla.common import out_struct
 from pallas_kernels.mla.reference import MASK_VALUE
+from pallas_kernels.triton_dot import dot
 
 _F32 = jnp.float32
-
-
-def _dot(a, b, trans_a=False, trans_b=False):
-    """tl.dot with float32 accumulation; explicit precision (the global "highest" would request
-    fp32 contraction of bf16 operands)."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
 
 
 def _pow2(n, floor=16):
@@ -79,7 +72,7 @@ def _fwd_kernel(*refs, sm_scale, causal, kv_len, bq, bk, has_seg):
     def body(j, carry):
         acc, m, l = carry
         kv = pl.ds(j * bk, bk)
-        s = _dot(q, k_ref[kv, :], trans_b=True) * sm_scale  # [bq, bk]
+        s = dot(q, k_ref[kv, :], trans_b=True) * sm_scale  # [bq, bk]
         mask = _mask(qi * bq, j * bk, bq, bk, causal, kv_len, q_seg,
                      ks_ref[kv] if has_seg else None)
         if mask is not None:
@@ -90,7 +83,7 @@ def _fwd_kernel(*refs, sm_scale, causal, kv_len, bq, bk, has_seg):
             p = jnp.where(mask, p, 0.0)
         alpha = jnp.exp(m - m_new)
         v = v_ref[kv, :]
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
         return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
     n_kv = k_ref.shape[0] // bk
@@ -140,10 +133,10 @@ def flash_fwd(q, k, v, q_seg, kv_seg, *, sm_scale, causal, kv_len, block_q, bloc
 
 def _bwd_tile(q, k, v, do, lse, delta, mask, sm_scale):
     """p and ds for one [bq, bk] tile, recomputed from the log-sum-exp."""
-    p = jnp.exp(_dot(q, k, trans_b=True) * sm_scale - lse[:, None])
+    p = jnp.exp(dot(q, k, trans_b=True) * sm_scale - lse[:, None])
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
-    ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+    ds = p * (dot(do, v, trans_b=True) - delta[:, None])
     return p, ds
 
 
@@ -162,8 +155,8 @@ def _dkv_kernel(*refs, sm_scale, causal, kv_len, bq, bk, has_seg):
         mask = _mask(i * bq, kj * bk, bq, bk, causal, kv_len,
                      qs_ref[rows] if has_seg else None, kv_seg)
         p, ds = _bwd_tile(q, k, v, do, lse_ref[rows], delta_ref[rows], mask, sm_scale)
-        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True) * sm_scale
+        dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True) * sm_scale
         return dk, dv
 
     start = lax.div(kj * bk, bq) if causal else 0
@@ -187,7 +180,7 @@ def _dq_kernel(*refs, sm_scale, causal, kv_len, bq, bk, has_seg):
         mask = _mask(qi * bq, j * bk, bq, bk, causal, kv_len, q_seg,
                      ks_ref[kv] if has_seg else None)
         _, ds = _bwd_tile(q, k, v_ref[kv, :], do, lse, delta, mask, sm_scale)
-        return dq + _dot(ds.astype(k.dtype), k) * sm_scale
+        return dq + dot(ds.astype(k.dtype), k) * sm_scale
 
     upper = lax.div((qi + 1) * bq + bk - 1, bk) if causal else k_ref.shape[0] // bk
     dq = lax.fori_loop(0, upper, body, jnp.zeros(dq_ref.shape, _F32))
@@ -263,12 +256,12 @@ def _decode_kernel(lengths_ref, pages_ref, ql_ref, qp_ref, c_ref, kpe_ref, o_ref
         else:
             c = plgpu.load(c_ref.at[bi, pl.ds(start, block_t)], mask=valid[:, None], other=0.0)
             kpe = plgpu.load(kpe_ref.at[bi, pl.ds(start, block_t)], mask=valid[:, None], other=0.0)
-        s = (_dot(ql, c, trans_b=True) + _dot(qp, kpe, trans_b=True)) * sm_scale  # [heads, bt]
+        s = (dot(ql, c, trans_b=True) + dot(qp, kpe, trans_b=True)) * sm_scale  # [heads, bt]
         s = jnp.where(valid[None, :], s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        acc = acc * alpha[:, None] + _dot(p.astype(c.dtype), c)
+        acc = acc * alpha[:, None] + dot(p.astype(c.dtype), c)
         return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
     first = sp * blocks_per_split

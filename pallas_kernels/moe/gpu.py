@@ -17,6 +17,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.moe.schedule import (make_schedule, mask_rows_past, max_items, pad_to,
                                          round_up)
+from pallas_kernels.triton_dot import dot
 
 # (tm, tk, tn): H100-class tensor-core tiles for bf16 (Triton's usual 128x128x64 GEMM config).
 TILING = (128, 64, 128)
@@ -30,11 +31,12 @@ def _fit_tiles(m, k, n, tiling):
     return fit(tm, m), fit(tk, k), fit(tn, n)
 
 
-def _dot(a, b, trans_a=False, trans_b=False):
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    # f32: full precision (no TF32) to match the other impls; bf16: tensor cores, f32 accumulate.
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
-    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+def work_item(gid_ref, tile_ref, start_ref, end_ref, item, tm):
+    """Work item `item` of a schedule.py schedule: its group g, its m-tile, and which of the tile's tm rows
+    belong to g ([tm] bool: the rows the item may store)."""
+    g, tile = gid_ref[item], tile_ref[item]
+    rows = tile * tm + jnp.arange(tm)
+    return g, tile, (rows >= start_ref[g]) & (rows < end_ref[g])
 
 
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "tiling", "interpret"))
@@ -55,9 +57,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, tiling=None, interpret=Fa
 
         @pl.when(item < nitems_ref[0])
         def _():
-            g, tile = gid_ref[item], tile_ref[item]
-            rows = tile * tm + jnp.arange(tm)
-            in_group = (rows >= start_ref[g]) & (rows < end_ref[g])  # [tm]
+            g, tile, in_group = work_item(gid_ref, tile_ref, start_ref, end_ref, item, tm)
             row_sl, col_sl = pl.ds(tile * tm, tm), pl.ds(ni * tn, tn)
 
             def body(kk, acc):
@@ -67,7 +67,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, tiling=None, interpret=Fa
                     b = plgpu.load(rhs_ref.at[g, col_sl, k_sl]).astype(compute_dtype)  # [tn, tk]
                 else:
                     b = plgpu.load(rhs_ref.at[g, k_sl, col_sl]).astype(compute_dtype)  # [tk, tn]
-                return acc + _dot(a, b, trans_b=transpose_rhs)
+                return acc + dot(a, b, trans_b=transpose_rhs)
 
             acc = jax.lax.fori_loop(0, k_pad // tk, body, jnp.zeros((tm, tn), jnp.float32))
             plgpu.store(out_ref.at[row_sl, col_sl], acc.astype(out_ref.dtype),
@@ -113,7 +113,7 @@ def tgmm(lhs, dout, group_sizes, *, tiling=None, interpret=False):
             # where, not multiply: rows of other groups must not leak even if they hold inf/nan.
             a = jnp.where(in_group, a, jnp.zeros((), a.dtype)).astype(compute_dtype)
             d = plgpu.load(dout_ref.at[row_sl, pl.ds(ni * tn, tn)]).astype(compute_dtype)  # [tm, tn]
-            return acc + _dot(a, d, trans_a=True)
+            return acc + dot(a, d, trans_a=True)
 
         acc = jax.lax.fori_loop(first_tile, last_tile, body, jnp.zeros((tk, tn), jnp.float32))
         plgpu.store(out_ref.at[g, pl.ds(ki * tk, tk), pl.ds(ni * tn, tn)], acc)

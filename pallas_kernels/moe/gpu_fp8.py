@@ -25,18 +25,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.moe.gpu import work_item
 from pallas_kernels.moe.schedule import make_schedule, mask_rows_past, max_items, pad_to, round_up
+from pallas_kernels.triton_dot import dot
 
 TILE = 128  # the scale tile along the contraction axis: one k-step of the kernels
 TM = 64  # rows per program in gmm_fp8 (the n-tile is one 128-wide weight block)
 TN_T = 128  # tgmm_fp8's k- and n-tiles (any size works: its scales are per channel)
 COMPILER_PARAMS = dict(num_warps=4, num_stages=3)
 E4M3 = jnp.float8_e4m3fn
-
-
-def _dot(a, b, trans_a=False, trans_b=False):
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def _check(name, q, s, want_q, want_s):
@@ -69,9 +66,7 @@ def gmm_fp8(lhs, lhs_scale, rhs, rhs_scale, group_sizes, *, transpose_rhs=False,
 
         @pl.when(item < nitems_ref[0])
         def _():
-            g, tile = gid_ref[item], tile_ref[item]
-            rows = tile * TM + jnp.arange(TM)
-            in_group = (rows >= start_ref[g]) & (rows < end_ref[g])  # [TM]
+            g, tile, in_group = work_item(gid_ref, tile_ref, start_ref, end_ref, item, TM)
             row_sl, col_sl = pl.ds(tile * TM, TM), pl.ds(ni * TILE, TILE)
 
             def body(kk, acc):
@@ -84,7 +79,7 @@ def gmm_fp8(lhs, lhs_scale, rhs, rhs_scale, group_sizes, *, transpose_rhs=False,
                 else:
                     b = plgpu.load(rhs_ref.at[g, k_sl, col_sl])
                     sb = rs_ref[g, kk, ni]
-                return acc + _dot(a, b, trans_b=transpose_rhs) * (sa * sb)
+                return acc + dot(a, b, trans_b=transpose_rhs) * (sa * sb)
 
             acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((TM, TILE), jnp.float32))
             plgpu.store(out_ref.at[row_sl, col_sl], acc, mask=in_group[:, None] & jnp.ones((1, TILE), bool))
@@ -137,7 +132,7 @@ def tgmm_fp8(lhs, lhs_scale, dout, dout_scale, group_sizes, *, interpret=False):
             d = plgpu.load(dout_ref.at[row_sl, n_sl])  # [128, TN_T] E4M3
             sa = plgpu.load(ls_ref.at[tile, k_sl])  # [TN_T]: this row tile's channel scales
             sd = plgpu.load(ds_ref.at[tile, n_sl])  # [TN_T]
-            return acc + _dot(a, d, trans_a=True) * (sa[:, None] * sd[None, :])
+            return acc + dot(a, d, trans_a=True) * (sa[:, None] * sd[None, :])
 
         acc = jax.lax.fori_loop(first, last, body, jnp.zeros((TN_T, TN_T), jnp.float32))
         plgpu.store(out_ref.at[g, k_sl, n_sl], acc)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from dsjax.model import fp8
 from pallas_kernels.moe import PallasUnavailableError, gmm_fp8, tgmm_fp8
+from tests.model.test_fp8_recipe import _np_deq as _deq  # float64 numpy q * scale, by hand
 
 # Uneven groups: empty first, middle and last ones, a group boundary inside a 64-row kernel tile and
 # inside a 128-row weight-gradient tile, 7 rows past the sum (m = 307, not a multiple of 64 or 128);
@@ -20,14 +21,6 @@ from pallas_kernels.moe import PallasUnavailableError, gmm_fp8, tgmm_fp8
 GROUPS = np.array([0, 30, 0, 100, 150, 20, 0], np.int32)
 M, K, N = 307, 200, 150
 A1, A128, BLOCKS = fp8.tiles_along(2, -1), fp8.tiles_along(2, -2), fp8.weight_blocks(3)
-
-
-def _deq(q, s, tile):
-    """q * scale in float64 numpy, the scale repeated over its tile by hand (not fp8.expand_scale)."""
-    s = np.asarray(s, np.float64)
-    for ax, t in enumerate(tile):
-        s = np.repeat(s, t, axis=ax)
-    return np.asarray(q, np.float64) * s[tuple(slice(0, n) for n in q.shape)]
 
 
 def _data(seed=0):
