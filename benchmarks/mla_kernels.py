@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mla import BlockSizes, mla_attention, mla_decode
+from tokamax_peer import load_tokamax  # benchmarks/, on sys.path when run as a script
 
 PEAK = {"gpu": (989e12, 3.35e12), "tpu": (459e12, 2.77e12), "cpu": (None, None)}
 
@@ -86,13 +87,9 @@ def main():
         for spec in args.blocks:
             tiles = BlockSizes(*(int(x) for x in spec.split(",")))
             paths[f"pallas {spec}"] = functools.partial(mla_attention, impl="pallas", block_sizes=tiles)
-    try:
-        import tokamax
-        from absl import flags
-        flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags, which would otherwise parse our argv
+    tokamax = load_tokamax()
+    if tokamax is not None:
         paths["tokamax"] = lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=True)
-    except ImportError:
-        print("tokamax is not installed: no tokamax comparison")
     for phase in ("fwd", "fwd+bwd"):
         results = {}
         for name, attn in paths.items():

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.moe import gmm, route
+from tokamax_peer import load_tokamax  # benchmarks/, on sys.path when run as a script
 
 PRESETS = {
     # tokens, hidden, expert_dim, experts, top_k, n_group, topk_group
@@ -87,15 +88,11 @@ def main():
                          for spec in args.tilings},
                       "jax.lax.ragged_dot": candidates["jax.lax.ragged_dot"]}
 
-    try:  # tokamax second, so that every later row has its ratio to it
-        import tokamax
-        from absl import flags
-        flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags, which would otherwise parse our argv
+    tokamax = load_tokamax()
+    if tokamax is not None:  # second, so that every later row has its ratio to it
         dense = candidates.pop("dense matmul (same FLOPs)")
         candidates = {"dense matmul (same FLOPs)": dense,
                       "tokamax.ragged_dot": lambda a, b, g: tokamax.ragged_dot(a, b, g), **candidates}
-    except ImportError:
-        print("tokamax is not installed: no tokamax column")
     peak = PEAK_TFLOPS.get(backend)
     base = {}  # forward / forward+backward seconds of "dense" and "tokamax", the ratios' bases
     print(f"{'impl':34s} {'fwd ms':>9s} {'TF/s':>7s} {'vs dense':>8s} {'vs tokamax':>10s}"
